@@ -1,0 +1,2 @@
+//! Cluster generator for benchmarks (being written).
+fn main() {}

@@ -1,0 +1,849 @@
+//! The name index: lowercased wire-format names mapped to ready-to-send answers, rebuilt per changed service.
+//!
+//! Records are derived from the snapshot per service ([`IndexBuilder::contributions`]); a name
+//! may be fed by several services (a pod behind two services has two PTR targets), so each
+//! entry remembers its owners. The map is split into shards behind `Arc`s: a rebuild copies
+//! only the shards it touches, and publishing a new index is one atomic pointer swap.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use waypost_common::model::{Service, ServiceType};
+use waypost_common::{Changes, Name, ObjectKey, Snapshot};
+
+use crate::wire::{self, Answer, AnswerBuilder, Query, Rdata, rcode, rtype};
+
+/// How many shards the name map has; a rebuild copies only the shards it touches.
+const SHARDS: usize = 1024;
+/// How deep ExternalName chains are followed.
+const MAX_CHASE: usize = 8;
+
+type Hasher = foldhash::fast::FixedState;
+type Shard = HashMap<Box<[u8]>, Arc<Entry>, Hasher>;
+
+/// Whether and how `<a-b-c-d>.<ns>.pod.<zone>` names are answered (CoreDNS `pods`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PodRecords {
+    /// Never: such names are NXDOMAIN.
+    #[default]
+    Disabled,
+    /// For any IP-shaped name, without checking the cluster.
+    Insecure,
+    /// Only for IPs of pods known in that namespace.
+    Verified,
+}
+
+/// What the index serves.
+#[derive(Clone, Debug)]
+pub struct IndexConfig {
+    /// The cluster domain, e.g. `cluster.local`.
+    pub zone: String,
+    /// The TTL of every record, and the negative TTL.
+    pub ttl: u32,
+    /// Pod records mode.
+    pub pod_records: PodRecords,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self { zone: "cluster.local".into(), ttl: 5, pod_records: PodRecords::Disabled }
+    }
+}
+
+/// The answers for one name.
+#[derive(Debug)]
+pub struct Entry {
+    /// Ids of the services whose records make up this name.
+    owners: Box<[u32]>,
+    /// Answers by query type; a type not listed gets `fallback` or NODATA.
+    answers: Box<[(u16, Answer)]>,
+    /// For an alias: the CNAME answer given to any other type.
+    fallback: Option<Answer>,
+}
+
+/// The result of a lookup.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    /// A prebuilt answer.
+    Answer(&'a Answer),
+    /// An answer built for this query (pod records).
+    Built(Answer),
+    /// Not synced yet: SERVFAIL.
+    NotReady,
+    /// Outside the zones waypost serves (REFUSED, or forwarded upstream).
+    OutOfZone,
+    /// A question waypost will not answer (zone transfers, other classes): REFUSED.
+    Refused,
+}
+
+/// Facts about the zone that every lookup needs.
+#[derive(Debug)]
+struct Zone {
+    /// The zone apex in wire format.
+    wire: Vec<u8>,
+    /// The NXDOMAIN answer (SOA in authority).
+    nxdomain: Answer,
+    /// The NODATA answer (SOA in authority).
+    nodata: Answer,
+    /// The record TTL.
+    ttl: u32,
+    /// Pod record mode.
+    pod_records: PodRecords,
+}
+
+/// One immutable version of the index; queries read it without locks.
+pub struct Index {
+    /// The name map, sharded by hash.
+    shards: Box<[Arc<Shard>]>,
+    /// The hasher picking a shard.
+    hasher: Hasher,
+    /// Apex facts and shared negative answers.
+    zone: Arc<Zone>,
+    /// Namespaces with at least one service (`<ns>.svc.<zone>` exists).
+    namespaces: Arc<HashSet<Box<[u8]>, Hasher>>,
+    /// Pod IP → namespaces, for `--pod-records verified`.
+    pod_ips: Arc<HashMap<IpAddr, Box<[Name]>, Hasher>>,
+    /// Whether the source has synced; until then every cluster answer is SERVFAIL.
+    pub synced: bool,
+    /// The snapshot generation this index was built from.
+    pub generation: u64,
+}
+
+impl Index {
+    /// An empty, unsynced index.
+    pub fn empty(config: &IndexConfig) -> Index {
+        IndexBuilder::new(config.clone()).publish()
+    }
+
+    /// Number of names.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.len()).sum()
+    }
+
+    /// True when no name is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entry(&self, name: &[u8]) -> Option<&Arc<Entry>> {
+        let h = self.hasher.hash_one(name);
+        self.shards[(h as usize) % SHARDS].get(name)
+    }
+
+    /// True when `name` is the zone apex or below it.
+    pub fn in_zone(&self, name: &[u8]) -> bool {
+        zone_offset(name, &self.zone.wire).is_some()
+    }
+
+    /// Answers a parsed query.
+    pub fn lookup(&self, q: &Query) -> Lookup<'_> {
+        let name = q.name();
+        if q.qclass != wire::CLASS_IN || q.qtype == rtype::AXFR || q.qtype == rtype::IXFR {
+            return if self.in_zone(name) { Lookup::Refused } else { Lookup::OutOfZone };
+        }
+        if let Some(e) = self.entry(name) {
+            if !self.synced {
+                return Lookup::NotReady;
+            }
+            return Lookup::Answer(match e.answers.iter().find(|(t, _)| *t == q.qtype) {
+                Some((_, a)) => a,
+                None => e.fallback.as_ref().unwrap_or(&self.zone.nodata),
+            });
+        }
+        let Some(at) = zone_offset(name, &self.zone.wire) else { return Lookup::OutOfZone };
+        if !self.synced {
+            return Lookup::NotReady;
+        }
+        self.miss_in_zone(q, &name[..at])
+    }
+
+    /// A name in the zone that has no entry: an empty non-terminal, a pod record, or NXDOMAIN.
+    fn miss_in_zone(&self, q: &Query, rel: &[u8]) -> Lookup<'_> {
+        let mut rel_labels: Vec<&[u8]> = wire::labels(rel).collect();
+        rel_labels.reverse();
+        let nodata = Lookup::Answer(&self.zone.nodata);
+        let pods = self.zone.pod_records != PodRecords::Disabled;
+        match rel_labels.as_slice() {
+            [b"svc"] => nodata,
+            [b"svc", ns] if self.namespaces.contains(*ns) => nodata,
+            [b"pod"] | [b"pod", _] if pods => nodata,
+            [b"pod", ns, ip] if pods => match self.pod_record(ns, ip) {
+                Some(ip) => {
+                    let want = if ip.is_ipv4() { rtype::A } else { rtype::AAAA };
+                    if q.qtype != want && q.qtype != rtype::ANY {
+                        return nodata;
+                    }
+                    let mut b = AnswerBuilder::new(q.name());
+                    b.record(q.name(), self.zone.ttl, &Rdata::addr(ip));
+                    Lookup::Built(b.finish(rcode::NOERROR, true))
+                }
+                None => Lookup::Answer(&self.zone.nxdomain),
+            },
+            _ => Lookup::Answer(&self.zone.nxdomain),
+        }
+    }
+
+    fn pod_record(&self, ns: &[u8], label: &[u8]) -> Option<IpAddr> {
+        let ip = undash_ip(std::str::from_utf8(label).ok()?)?;
+        match self.zone.pod_records {
+            PodRecords::Disabled => None,
+            PodRecords::Insecure => Some(ip),
+            PodRecords::Verified => {
+                let nss = self.pod_ips.get(&ip)?;
+                nss.iter().any(|n| n.as_bytes() == ns).then_some(ip)
+            }
+        }
+    }
+}
+
+/// Where the zone starts inside `name` (a label boundary), if `name` is in the zone.
+fn zone_offset(name: &[u8], zone: &[u8]) -> Option<usize> {
+    if name.len() < zone.len() || &name[name.len() - zone.len()..] != zone {
+        return None;
+    }
+    let target = name.len() - zone.len();
+    let mut i = 0;
+    while i < target {
+        i += 1 + name[i] as usize;
+    }
+    (i == target).then_some(target)
+}
+
+/// `10-0-0-1` → 10.0.0.1; `fd00--1` → fd00::1.
+fn undash_ip(label: &str) -> Option<IpAddr> {
+    if label.contains(':') || label.contains('.') {
+        return None;
+    }
+    let dotted = label.replace('-', ".");
+    if let Ok(IpAddr::V4(v4)) = dotted.parse::<IpAddr>() {
+        return Some(IpAddr::V4(v4));
+    }
+    label.replace('-', ":").parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+}
+
+/// The label an endpoint without a hostname gets: `10-0-0-1`, or `fd00--1` for IPv6.
+pub fn dashed_ip(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string().replace('.', "-"),
+        IpAddr::V6(v6) => v6.to_string().replace(':', "-"),
+    }
+}
+
+/// The reverse-lookup name of an address (`1.0.0.10.in-addr.arpa`, nibbles under `ip6.arpa`).
+pub fn reverse_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut s = String::with_capacity(72);
+            for b in v6.octets().iter().rev() {
+                s.push_str(&format!("{:x}.{:x}.", b & 0xF, b >> 4));
+            }
+            s.push_str("ip6.arpa");
+            s
+        }
+    }
+}
+
+/// Records one service contributes, by name; names with no records are empty non-terminals.
+type Contribution = BTreeMap<Vec<u8>, BTreeSet<Rdata>>;
+
+/// Keeps the mutable state behind the index and produces new [`Index`] versions.
+pub struct IndexBuilder {
+    /// What to serve.
+    config: IndexConfig,
+    /// The zone apex in wire format.
+    zone_wire: Vec<u8>,
+    /// The name map being edited; shards shared with published indexes are copied on write.
+    shards: Vec<Arc<Shard>>,
+    /// Picks shards; fixed so published indexes and the builder agree.
+    hasher: Hasher,
+    /// Small ids for services, stored in entries instead of keys.
+    ids: HashMap<ObjectKey, u32>,
+    /// Id → key.
+    keys: Vec<Option<ObjectKey>>,
+    /// Ids free for reuse.
+    free: Vec<u32>,
+    /// The names each service contributed last time, to remove the ones it no longer has.
+    names: HashMap<u32, Box<[Box<[u8]>]>>,
+    /// Services per namespace label, for `<ns>.svc.<zone>`.
+    ns_counts: HashMap<Box<[u8]>, u32>,
+    /// ExternalName services by the in-zone name they alias, rebuilt when it changes.
+    cname_deps: HashMap<Vec<u8>, HashSet<u32>>,
+    /// The namespace set as last published.
+    namespaces: Arc<HashSet<Box<[u8]>, Hasher>>,
+    /// Pod IP index as last published.
+    pod_ips: Arc<HashMap<IpAddr, Box<[Name]>, Hasher>>,
+    /// Apex facts as last published.
+    zone: Arc<Zone>,
+    /// The snapshot generation applied last.
+    generation: u64,
+    /// Whether the applied snapshot was synced.
+    synced: bool,
+}
+
+/// The service that, when present, gives `ns.dns.<zone>` its addresses.
+const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
+
+impl IndexBuilder {
+    /// A builder with an empty index.
+    pub fn new(config: IndexConfig) -> Self {
+        let zone_name = config.zone.trim_end_matches('.').to_ascii_lowercase();
+        let zone_wire = wire::name_to_wire(&zone_name).expect("cluster domain is a valid DNS name");
+        let config = IndexConfig { zone: zone_name, ..config };
+        let hasher = Hasher::with_seed(0x5741_5950_4f53_5400);
+        let mut b = IndexBuilder {
+            zone: Arc::new(Self::zone_facts(&config, &zone_wire)),
+            config,
+            zone_wire,
+            shards: (0..SHARDS).map(|_| Arc::new(Shard::with_hasher(hasher.clone()))).collect(),
+            hasher: hasher.clone(),
+            ids: HashMap::new(),
+            keys: Vec::new(),
+            free: Vec::new(),
+            names: HashMap::new(),
+            ns_counts: HashMap::new(),
+            cname_deps: HashMap::new(),
+            namespaces: Arc::default(),
+            pod_ips: Arc::default(),
+            generation: 0,
+            synced: false,
+        };
+        b.build_apex(&Snapshot::default());
+        b
+    }
+
+    fn soa(config: &IndexConfig, zone_wire: &[u8]) -> Rdata {
+        let serial = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+        Rdata::Soa {
+            mname: wire::name_to_wire(&format!("ns.dns.{}", config.zone)).unwrap_or_else(|| zone_wire.to_vec()),
+            rname: wire::name_to_wire(&format!("hostmaster.{}", config.zone)).unwrap_or_else(|| zone_wire.to_vec()),
+            serial,
+            times: [7200, 1800, 86400, config.ttl],
+        }
+    }
+
+    fn zone_facts(config: &IndexConfig, zone_wire: &[u8]) -> Zone {
+        let soa = Self::soa(config, zone_wire);
+        let negative = |rc| {
+            let mut b = AnswerBuilder::uncompressed();
+            b.section(1).record(zone_wire, config.ttl, &soa);
+            b.finish(rc, true)
+        };
+        Zone {
+            wire: zone_wire.to_vec(),
+            nxdomain: negative(rcode::NXDOMAIN),
+            nodata: negative(rcode::NOERROR),
+            ttl: config.ttl,
+            pod_records: config.pod_records,
+        }
+    }
+
+    /// Applies what changed in `snap` since the last call and publishes a new index.
+    pub fn apply(&mut self, snap: &Snapshot) -> Arc<Index> {
+        let changes = snap.changes_since(self.generation);
+        let (services, pods) = match changes {
+            Changes::None => (HashSet::new(), false),
+            Changes::Full => {
+                let mut all: HashSet<ObjectKey> = snap.services.keys().cloned().collect();
+                all.extend(snap.service_slices.keys().cloned());
+                all.extend(self.ids.keys().cloned());
+                self.zone = Arc::new(Self::zone_facts(&self.config, &self.zone_wire));
+                (all, true)
+            }
+            Changes::Partial { services, pods, .. } => (services, pods),
+        };
+        let dns_key = ObjectKey::new(DNS_SERVICE.0, DNS_SERVICE.1);
+        if services.contains(&dns_key) || self.generation == 0 {
+            self.build_apex(snap);
+        }
+        self.rebuild(snap, services);
+        if pods && self.config.pod_records == PodRecords::Verified {
+            let mut m: HashMap<IpAddr, Vec<Name>> = HashMap::new();
+            for p in snap.pods.values().filter(|p| !p.host_network) {
+                for ip in p.ips.iter() {
+                    m.entry(*ip).or_default().push(p.key.namespace.clone());
+                }
+            }
+            let mut out = HashMap::with_capacity_and_hasher(m.len(), self.hasher.clone());
+            out.extend(m.into_iter().map(|(k, v)| (k, v.into_boxed_slice())));
+            self.pod_ips = Arc::new(out);
+        }
+        self.generation = snap.generation;
+        self.synced = snap.synced;
+        Arc::new(self.publish())
+    }
+
+    fn publish(&self) -> Index {
+        Index {
+            shards: self.shards.clone().into_boxed_slice(),
+            hasher: self.hasher.clone(),
+            zone: self.zone.clone(),
+            namespaces: self.namespaces.clone(),
+            pod_ips: self.pod_ips.clone(),
+            synced: self.synced,
+            generation: self.generation,
+        }
+    }
+
+    // === apex ===
+
+    fn build_apex(&mut self, snap: &Snapshot) {
+        let z = self.zone_wire.clone();
+        let ttl = self.config.ttl;
+        let ns_name = wire::name_to_wire(&format!("ns.dns.{}", self.config.zone)).unwrap_or_else(|| z.clone());
+        let soa = Self::soa(&self.config, &z);
+        let mut apex: BTreeSet<Rdata> = BTreeSet::new();
+        apex.insert(soa);
+        apex.insert(Rdata::Ns(ns_name.clone()));
+        let mut ns_addrs = BTreeSet::new();
+        if let Some(svc) = snap.services.get(&ObjectKey::new(DNS_SERVICE.0, DNS_SERVICE.1)) {
+            ns_addrs.extend(svc.cluster_ips.iter().map(|ip| Rdata::addr(*ip)));
+        }
+        let version = wire::name_to_wire(&format!("dns-version.{}", self.config.zone)).unwrap_or_else(|| z.clone());
+        let mut txt = BTreeSet::new();
+        txt.insert(Rdata::Txt("1.1.0".into()));
+        let dns_ent = wire::name_to_wire(&format!("dns.{}", self.config.zone)).unwrap_or_else(|| z.clone());
+        let mut all = Contribution::new();
+        all.insert(z.clone(), apex);
+        all.insert(ns_name.clone(), ns_addrs);
+        all.insert(version.clone(), txt);
+        all.insert(dns_ent.clone(), BTreeSet::new());
+        for name in [&z, &ns_name, &version, &dns_ent] {
+            let recs: Vec<Rdata> = all[name].iter().cloned().collect();
+            let entry = self.build_entry(snap, name, &recs, &all, Box::new([]), ttl);
+            self.insert(name.clone().into_boxed_slice(), Arc::new(entry));
+        }
+    }
+
+    // === per-service records ===
+
+    /// The records `key` contributes, derived from the snapshot alone.
+    pub fn contributions(&self, snap: &Snapshot, key: &ObjectKey) -> Contribution {
+        let mut out = Contribution::new();
+        let Some(svc) = snap.services.get(key) else { return out };
+        let zone = &self.config.zone;
+        let base_s = format!("{}.{}.svc.{}", svc.key.name, svc.key.namespace, zone);
+        let Some(base) = wire::name_to_wire(&base_s) else {
+            tracing::warn!(service = %key, "name {base_s} is not a valid DNS name; no records");
+            return out;
+        };
+        let mut add = |name: &[u8], r: Option<Rdata>| {
+            let set = out.entry(name.to_vec()).or_default();
+            set.extend(r);
+        };
+        if svc.service_type == ServiceType::ExternalName {
+            let target = svc.external_name.as_deref().unwrap_or_default();
+            match wire::name_to_wire(target) {
+                Some(t) => add(&base, Some(Rdata::Cname(t))),
+                None => tracing::warn!(service = %key, "field spec.externalName: {target:?} is not a valid DNS name"),
+            }
+            return out;
+        }
+        let endpoints = self.endpoints(snap, svc, &base_s);
+        if svc.headless {
+            if endpoints.is_empty() {
+                return out;
+            }
+            for e in &endpoints {
+                add(&base, Some(Rdata::addr(e.ip)));
+            }
+            // One SRV per endpoint and named port of its slice.
+            let mut srv: BTreeMap<Vec<u8>, BTreeSet<(u16, Vec<u8>)>> = BTreeMap::new();
+            for e in &endpoints {
+                for (pname, proto, port) in &e.ports {
+                    let n = format!("_{pname}._{proto}.{base_s}");
+                    if let Some(w) = wire::name_to_wire(&n) {
+                        srv.entry(w).or_default().insert((*port, e.name.clone()));
+                    }
+                }
+            }
+            for (name, targets) in srv {
+                let weight = (100 / targets.len().max(1)).max(1) as u16;
+                add(&name[1 + name[0] as usize..], None);
+                for (port, target) in targets {
+                    add(&name, Some(Rdata::Srv { priority: 0, weight, port, target }));
+                }
+            }
+        } else {
+            add(&base, None);
+            for ip in &svc.cluster_ips {
+                add(&base, Some(Rdata::addr(*ip)));
+                if let Some(r) = wire::name_to_wire(&reverse_name(*ip)) {
+                    add(&r, Some(Rdata::Ptr(base.clone())));
+                }
+            }
+            for p in &svc.ports {
+                let Some(pname) = &p.name else { continue };
+                let n = format!("_{}._{}.{base_s}", pname.to_ascii_lowercase(), p.protocol.srv_label());
+                if let Some(w) = wire::name_to_wire(&n) {
+                    add(&w[1 + w[0] as usize..], None);
+                    add(&w, Some(Rdata::Srv { priority: 0, weight: 100, port: p.port, target: base.clone() }));
+                }
+            }
+        }
+        for e in &endpoints {
+            add(&e.name, Some(Rdata::addr(e.ip)));
+            if let Some(r) = wire::name_to_wire(&reverse_name(e.ip)) {
+                add(&r, Some(Rdata::Ptr(e.name.clone())));
+            }
+        }
+        out
+    }
+
+    /// The endpoints DNS publishes for `svc`: ready ones (or all with
+    /// publishNotReadyAddresses), deduplicated by address.
+    fn endpoints(&self, snap: &Snapshot, svc: &Service, base: &str) -> Vec<DnsEndpoint> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for slice in snap.slices_of(&svc.key) {
+            let ports: Vec<(String, &'static str, u16)> = slice
+                .ports
+                .iter()
+                .filter_map(|p| Some((p.name.as_deref()?.to_ascii_lowercase(), p.protocol.srv_label(), p.port?)))
+                .collect();
+            for e in &slice.endpoints {
+                if !(e.ready || svc.publish_not_ready_addresses) {
+                    continue;
+                }
+                for ip in e.addresses.iter() {
+                    if !seen.insert(*ip) {
+                        continue;
+                    }
+                    let label = match &e.hostname {
+                        Some(h) => h.to_ascii_lowercase(),
+                        None => dashed_ip(*ip),
+                    };
+                    let Some(name) = wire::name_to_wire(&format!("{label}.{base}")) else {
+                        tracing::warn!(endpointslice = %slice.key, "endpoint name {label}.{base} is not a valid DNS name");
+                        continue;
+                    };
+                    out.push(DnsEndpoint { ip: *ip, name, ports: ports.clone() });
+                }
+            }
+        }
+        out
+    }
+
+    // === rebuild ===
+
+    fn id_of(&mut self, key: &ObjectKey) -> u32 {
+        if let Some(id) = self.ids.get(key) {
+            return *id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.keys[id as usize] = Some(key.clone());
+                id
+            }
+            None => {
+                self.keys.push(Some(key.clone()));
+                (self.keys.len() - 1) as u32
+            }
+        };
+        self.ids.insert(key.clone(), id);
+        id
+    }
+
+    fn rebuild(&mut self, snap: &Snapshot, mut services: HashSet<ObjectKey>) {
+        let mut ns_changed = false;
+        for _round in 0..MAX_CHASE {
+            if services.is_empty() {
+                break;
+            }
+            let mut fresh: HashMap<u32, Contribution> = HashMap::new();
+            let mut affected: BTreeSet<Vec<u8>> = BTreeSet::new();
+            let mut round_ids = HashSet::new();
+            for key in &services {
+                let id = self.id_of(key);
+                round_ids.insert(id);
+                let contrib = self.contributions(snap, key);
+                let old = self.names.remove(&id).unwrap_or_default();
+                affected.extend(old.iter().map(|n| n.to_vec()));
+                affected.extend(contrib.keys().cloned());
+                let ns = key.namespace.as_bytes();
+                match (old.is_empty(), contrib.is_empty()) {
+                    (true, false) => {
+                        *self.ns_counts.entry(ns.into()).or_default() += 1;
+                        ns_changed = true;
+                    }
+                    (false, true) => {
+                        if let Some(c) = self.ns_counts.get_mut(ns) {
+                            *c -= 1;
+                            if *c == 0 {
+                                self.ns_counts.remove(ns);
+                            }
+                        }
+                        ns_changed = true;
+                    }
+                    _ => {}
+                }
+                for deps in self.cname_deps.values_mut() {
+                    deps.remove(&id);
+                }
+                for recs in contrib.values() {
+                    for r in recs {
+                        if let Rdata::Cname(t) = r {
+                            if zone_offset(t, &self.zone_wire).is_some() {
+                                self.cname_deps.entry(t.clone()).or_default().insert(id);
+                            }
+                        }
+                    }
+                }
+                if contrib.is_empty() {
+                    if !snap.services.contains_key(key) {
+                        self.ids.remove(key);
+                        self.keys[id as usize] = None;
+                        self.free.push(id);
+                    }
+                } else {
+                    self.names.insert(id, contrib.keys().map(|k| k.clone().into_boxed_slice()).collect());
+                }
+                fresh.insert(id, contrib);
+            }
+            self.cname_deps.retain(|_, d| !d.is_empty());
+            // Aliases last, so they chase targets rebuilt in this round.
+            let (aliases, plain): (Vec<Vec<u8>>, Vec<Vec<u8>>) = affected.into_iter().partition(|n| {
+                fresh.values().any(|c| c.get(n).is_some_and(|s| s.iter().any(|r| matches!(r, Rdata::Cname(_)))))
+            });
+            let mut next = HashSet::new();
+            for name in plain.iter().chain(aliases.iter()) {
+                self.rebuild_name(snap, name, &round_ids, &mut fresh);
+                if let Some(deps) = self.cname_deps.get(name) {
+                    for d in deps {
+                        if !round_ids.contains(d) {
+                            if let Some(Some(k)) = self.keys.get(*d as usize) {
+                                next.insert(k.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            services = next;
+        }
+        if ns_changed {
+            let mut set = HashSet::with_hasher(self.hasher.clone());
+            set.extend(self.ns_counts.keys().cloned());
+            self.namespaces = Arc::new(set);
+        }
+    }
+
+    fn rebuild_name(&mut self, snap: &Snapshot, name: &[u8], round: &HashSet<u32>, fresh: &mut HashMap<u32, Contribution>) {
+        let old_owners: Vec<u32> = self.get(name).map(|e| e.owners.to_vec()).unwrap_or_default();
+        let mut owners: Vec<u32> = old_owners.into_iter().filter(|o| !round.contains(o)).collect();
+        owners.extend(round.iter().filter(|id| fresh.get(id).is_some_and(|c| c.contains_key(name))));
+        owners.sort_unstable();
+        owners.dedup();
+        if owners.is_empty() {
+            self.remove(name);
+            return;
+        }
+        for o in &owners {
+            if !fresh.contains_key(o) {
+                let c = match self.keys.get(*o as usize) {
+                    Some(Some(k)) => self.contributions(snap, &k.clone()),
+                    _ => Contribution::new(),
+                };
+                fresh.insert(*o, c);
+            }
+        }
+        let mut recs = BTreeSet::new();
+        let mut context = Contribution::new();
+        for o in &owners {
+            let c = &fresh[o];
+            if let Some(r) = c.get(name) {
+                recs.extend(r.iter().cloned());
+            }
+            // Additional records come from the same services (SRV targets).
+            for (n, r) in c {
+                context.entry(n.clone()).or_default().extend(r.iter().cloned());
+            }
+        }
+        let recs: Vec<Rdata> = recs.into_iter().collect();
+        let entry = self.build_entry(snap, name, &recs, &context, owners.into_boxed_slice(), self.config.ttl);
+        self.insert(name.into(), Arc::new(entry));
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&Arc<Entry>> {
+        let h = self.hasher.hash_one(name);
+        self.shards[(h as usize) % SHARDS].get(name)
+    }
+
+    fn insert(&mut self, name: Box<[u8]>, e: Arc<Entry>) {
+        let h = self.hasher.hash_one(&name[..]);
+        Arc::make_mut(&mut self.shards[(h as usize) % SHARDS]).insert(name, e);
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        let h = self.hasher.hash_one(name);
+        let shard = &mut self.shards[(h as usize) % SHARDS];
+        if shard.contains_key(name) {
+            Arc::make_mut(shard).remove(name);
+        }
+    }
+
+    /// The records currently at `name`, from whichever services own it (for alias chasing).
+    fn records_at(&self, snap: &Snapshot, name: &[u8]) -> Option<Vec<Rdata>> {
+        let e = self.get(name)?;
+        let mut recs = BTreeSet::new();
+        for o in e.owners.iter() {
+            if let Some(Some(k)) = self.keys.get(*o as usize) {
+                if let Some(r) = self.contributions(snap, k).remove(name) {
+                    recs.extend(r);
+                }
+            }
+        }
+        if e.owners.is_empty() {
+            // Apex names have no owners; they are never alias targets worth chasing.
+            return Some(Vec::new());
+        }
+        Some(recs.into_iter().collect())
+    }
+
+    fn build_entry(
+        &self,
+        snap: &Snapshot,
+        name: &[u8],
+        recs: &[Rdata],
+        context: &Contribution,
+        owners: Box<[u32]>,
+        ttl: u32,
+    ) -> Entry {
+        if let Some(Rdata::Cname(target)) = recs.iter().find(|r| matches!(r, Rdata::Cname(_))) {
+            return self.alias_entry(snap, name, target, owners, ttl);
+        }
+        let mut types: Vec<u16> = recs.iter().map(Rdata::rtype).collect();
+        types.dedup();
+        let mut answers = Vec::with_capacity(types.len() + 1);
+        for t in types {
+            let mut b = AnswerBuilder::new(name);
+            let of_type: Vec<&Rdata> = recs.iter().filter(|r| r.rtype() == t).collect();
+            for r in &of_type {
+                b.record(name, ttl, r);
+            }
+            if t == rtype::NS || t == rtype::SRV {
+                b.section(2);
+                for r in &of_type {
+                    let target = match r {
+                        Rdata::Srv { target, .. } | Rdata::Ns(target) => target,
+                        _ => continue,
+                    };
+                    for a in context.get(target).into_iter().flatten() {
+                        if matches!(a, Rdata::A(_) | Rdata::Aaaa(_)) {
+                            b.record(target, ttl, a);
+                        }
+                    }
+                }
+            }
+            answers.push((t, b.finish(rcode::NOERROR, true)));
+        }
+        if !recs.is_empty() {
+            let mut b = AnswerBuilder::new(name);
+            for r in recs {
+                b.record(name, ttl, r);
+            }
+            answers.push((rtype::ANY, b.finish(rcode::NOERROR, true)));
+        }
+        Entry { owners, answers: answers.into_boxed_slice(), fallback: None }
+    }
+
+    /// An ExternalName entry: CNAME to `target`; when the target is in the zone, its records
+    /// of the asked type follow in the same answer.
+    fn alias_entry(&self, snap: &Snapshot, name: &[u8], target: &[u8], owners: Box<[u32]>, ttl: u32) -> Entry {
+        let cname = Rdata::Cname(target.to_vec());
+        let plain = {
+            let mut b = AnswerBuilder::new(name);
+            b.record(name, ttl, &cname);
+            b.finish(rcode::NOERROR, true)
+        };
+        let mut answers = vec![(rtype::CNAME, plain.clone())];
+        if zone_offset(target, &self.zone_wire).is_some() {
+            // Follow the chain inside the zone.
+            let mut chain = vec![(name.to_vec(), cname.clone())];
+            let mut at = target.to_vec();
+            let mut final_recs = None;
+            for _ in 0..MAX_CHASE {
+                match self.records_at(snap, &at) {
+                    None => break,
+                    Some(recs) => match recs.iter().find(|r| matches!(r, Rdata::Cname(_))) {
+                        Some(Rdata::Cname(next)) if zone_offset(next, &self.zone_wire).is_some() => {
+                            chain.push((at.clone(), Rdata::Cname(next.clone())));
+                            at = next.clone();
+                        }
+                        Some(c) => {
+                            chain.push((at.clone(), c.clone()));
+                            final_recs = Some(Vec::new());
+                            break;
+                        }
+                        None => {
+                            final_recs = Some(recs);
+                            break;
+                        }
+                    },
+                }
+            }
+            for qtype in [rtype::A, rtype::AAAA, rtype::SRV, rtype::TXT, rtype::PTR] {
+                let mut b = AnswerBuilder::new(name);
+                for (owner, c) in &chain {
+                    b.record(owner, ttl, c);
+                }
+                let rc = match &final_recs {
+                    Some(recs) => {
+                        for r in recs.iter().filter(|r| r.rtype() == qtype) {
+                            b.record(&at, ttl, r);
+                        }
+                        rcode::NOERROR
+                    }
+                    None => rcode::NXDOMAIN,
+                };
+                if rc == rcode::NXDOMAIN || final_recs.as_ref().is_some_and(|r| !r.iter().any(|r| r.rtype() == qtype)) {
+                    b.section(1).record(&self.zone_wire, ttl, &Self::soa(&self.config, &self.zone_wire));
+                }
+                answers.push((qtype, b.finish(rc, true)));
+            }
+        }
+        Entry { owners, answers: answers.into_boxed_slice(), fallback: Some(plain) }
+    }
+}
+
+/// An endpoint as DNS names it.
+struct DnsEndpoint {
+    /// Its address.
+    ip: IpAddr,
+    /// `<hostname|a-b-c-d>.<svc>.<ns>.svc.<zone>` in wire format.
+    name: Vec<u8>,
+    /// Named ports of its slice: (name, protocol label, port).
+    ports: Vec<(String, &'static str, u16)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reverse_names_and_dashed_labels() {
+        assert_eq!(reverse_name("10.96.0.1".parse().unwrap()), "1.0.96.10.in-addr.arpa");
+        assert!(reverse_name("fd00::1".parse().unwrap()).starts_with("1.0.0.0.0.0.0.0"));
+        assert!(reverse_name("fd00::1".parse().unwrap()).ends_with("0.0.d.f.ip6.arpa"));
+        assert_eq!(dashed_ip("10.1.2.3".parse().unwrap()), "10-1-2-3");
+        assert_eq!(dashed_ip("fd00::1".parse().unwrap()), "fd00--1");
+        assert_eq!(undash_ip("fd00--1"), Some("fd00::1".parse().unwrap()));
+        assert_eq!(undash_ip("10-1-2-3"), Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(undash_ip("10-1-2"), None);
+    }
+
+    #[test]
+    fn zone_offset_respects_label_boundaries() {
+        let zone = wire::name_to_wire("cluster.local").unwrap();
+        let n = wire::name_to_wire("a.svc.cluster.local").unwrap();
+        assert_eq!(zone_offset(&n, &zone), Some(6));
+        let n = wire::name_to_wire("xcluster.local").unwrap();
+        assert_eq!(zone_offset(&n, &zone), None);
+        assert_eq!(zone_offset(&zone, &zone), Some(0));
+    }
+}

@@ -1,0 +1,1 @@
+//! Test Kubernetes API server (being written).
