@@ -1,0 +1,6 @@
+//! Integration tests: the real `waypost` binary, real UDP/TCP DNS, real state-file edits.
+
+mod protocol;
+mod records;
+mod reload;
+mod support;
