@@ -91,10 +91,22 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Starts the cluster source that fills `writer`; returns a description for the startup line.
+fn start_source(
+    args: &RunArgs,
+    rt: &tokio::runtime::Runtime,
+    writer: waypost_common::Writer,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<String> {
     let Some(state) = args.state.clone() else {
         bail!("--state PATH is required (the Kubernetes API source is not built yet)");
     };
+    let source = StateFile::new(&state);
+    rt.spawn(source.run(writer, Duration::from_millis(20), shutdown));
+    Ok(format!("state file {}", state.display()))
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let config = IndexConfig { zone: args.cluster_domain.clone(), ttl: args.ttl, pod_records: args.pod_records.into() };
     let workers = args.dns_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
@@ -139,17 +151,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    let source = StateFile::new(&state);
-    rt.spawn(source.run(writer, Duration::from_millis(20), shutdown()));
+    let source = start_source(&args, &rt, writer, shutdown())?;
     rt.spawn(server::follow_store(store, config.clone(), shared, |_| {}, shutdown()));
 
     let listen: Vec<String> = bound.iter().map(|a| a.to_string()).collect();
     println!(
-        "waypost: serving DNS for {} on {} (udp+tcp, {} udp workers each) from state file {} (ttl {}s, pod records {:?})",
+        "waypost: serving DNS for {} on {} (udp+tcp, {} udp workers each) from {} (ttl {}s, pod records {:?})",
         config.zone,
         listen.join(", "),
         workers,
-        state.display(),
+        source,
         config.ttl,
         args.pod_records,
     );
