@@ -62,6 +62,8 @@ pub struct Entry {
     answers: Box<[(u16, Answer)]>,
     /// For an alias: the CNAME answer given to any other type.
     fallback: Option<Answer>,
+    /// For an alias to a name outside the zone: that name, to chase upstream.
+    external: Option<Box<[u8]>>,
 }
 
 /// The result of a lookup.
@@ -71,6 +73,9 @@ pub enum Lookup<'a> {
     Answer(&'a Answer),
     /// An answer built for this query (pod records).
     Built(Answer),
+    /// An alias to a name outside the zone: the CNAME answer, and the target to chase
+    /// upstream when forwarding is on.
+    ExternalAlias(&'a Answer, &'a [u8]),
     /// Not synced yet: SERVFAIL.
     NotReady,
     /// Outside the zones waypost serves (REFUSED, or forwarded upstream).
@@ -133,6 +138,11 @@ impl Index {
         self.shards[(h as usize) % SHARDS].get(name)
     }
 
+    /// Where the zone apex starts in `name` (which must be in the zone).
+    pub fn zone_start(&self, name: &[u8]) -> usize {
+        name.len() - self.zone.wire.len()
+    }
+
     /// True when `name` is the zone apex or below it.
     pub fn in_zone(&self, name: &[u8]) -> bool {
         zone_offset(name, &self.zone.wire).is_some()
@@ -148,6 +158,11 @@ impl Index {
             if !self.synced {
                 return Lookup::NotReady;
             }
+            if let (Some(target), Some(cname)) = (&e.external, &e.fallback) {
+                if q.qtype != rtype::CNAME {
+                    return Lookup::ExternalAlias(cname, target);
+                }
+            }
             return Lookup::Answer(match e.answers.iter().find(|(t, _)| *t == q.qtype) {
                 Some((_, a)) => a,
                 None => e.fallback.as_ref().unwrap_or(&self.zone.nodata),
@@ -158,6 +173,28 @@ impl Index {
             return Lookup::NotReady;
         }
         self.miss_in_zone(q, &name[..at])
+    }
+
+    /// For `<stem>.<ns>.svc.<zone>` where `<ns>` has services: the length of `<stem>` in wire
+    /// bytes. This is the shape of the first step of a pod's search walk.
+    pub fn search_stem(&self, name: &[u8]) -> Option<usize> {
+        let at = zone_offset(name, &self.zone.wire)?;
+        let starts: Vec<usize> = {
+            let mut v = Vec::new();
+            let mut i = 0;
+            while i < at {
+                v.push(i);
+                i += 1 + name[i] as usize;
+            }
+            v
+        };
+        if starts.len() < 3 {
+            return None;
+        }
+        let svc = starts[starts.len() - 1];
+        let ns = starts[starts.len() - 2];
+        let stem_end = ns;
+        (&name[svc..at] == b"\x03svc" && self.namespaces.contains(&name[ns + 1..svc])).then_some(stem_end)
     }
 
     /// A name in the zone that has no entry: an empty non-terminal, a pod record, or NXDOMAIN.
@@ -749,7 +786,7 @@ impl IndexBuilder {
             }
             answers.push((rtype::ANY, b.finish(rcode::NOERROR, true)));
         }
-        Entry { owners, answers: answers.into_boxed_slice(), fallback: None }
+        Entry { owners, answers: answers.into_boxed_slice(), fallback: None, external: None }
     }
 
     /// An ExternalName entry: CNAME to `target`; when the target is in the zone, its records
@@ -762,7 +799,8 @@ impl IndexBuilder {
             b.finish(rcode::NOERROR, true)
         };
         let mut answers = vec![(rtype::CNAME, plain.clone())];
-        if zone_offset(target, &self.zone_wire).is_some() {
+        let external = zone_offset(target, &self.zone_wire).is_none().then(|| target.into());
+        if external.is_none() {
             // Follow the chain inside the zone.
             let mut chain = vec![(name.to_vec(), cname.clone())];
             let mut at = target.to_vec();
@@ -807,7 +845,7 @@ impl IndexBuilder {
                 answers.push((qtype, b.finish(rc, true)));
             }
         }
-        Entry { owners, answers: answers.into_boxed_slice(), fallback: Some(plain) }
+        Entry { owners, answers: answers.into_boxed_slice(), fallback: Some(plain), external }
     }
 }
 

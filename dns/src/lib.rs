@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod index;
 pub mod metrics;
+pub mod resolver;
 pub mod server;
 pub mod upstream;
 pub mod wire;

@@ -2,5 +2,6 @@
 
 mod protocol;
 mod records;
+mod resolver;
 mod reload;
 mod support;

@@ -16,6 +16,8 @@ pub(crate) struct Waypost {
     child: Child,
     /// Where it answers DNS (UDP and TCP).
     pub(crate) addr: SocketAddr,
+    /// Where it serves /metrics, /healthz and /readyz.
+    pub(crate) metrics: SocketAddr,
     /// Everything it logged so far.
     logs: Arc<Mutex<String>>,
     /// The state file it reads.
@@ -49,7 +51,7 @@ impl Waypost {
             .arg("run")
             .arg("--state")
             .arg(&path)
-            .args(["--dns-listen", "127.0.0.1:0", "--dns-workers", "2"])
+            .args(["--dns-listen", "127.0.0.1:0", "--dns-workers", "2", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -75,7 +77,36 @@ impl Waypost {
             .and_then(|s| s.split([' ', ',']).next())
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no address in startup line {line:?}"));
-        Waypost { child, addr, logs, state: path, _dir: dir }
+        let metrics: SocketAddr = line
+            .split("metrics on ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in startup line {line:?}"));
+        Waypost { child, addr, metrics, logs, state: path, _dir: dir }
+    }
+
+    /// GETs `path` from the metrics listener; returns the status code and body.
+    pub(crate) fn http_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.metrics).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (code, body)
+    }
+
+    /// The sum of a metric's samples whose line contains every one of `labels`.
+    pub(crate) fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     /// Everything logged so far.
