@@ -1,5 +1,6 @@
 //! Integration tests: the real `waypost` binary, real UDP/TCP DNS, real state-file edits.
 
+mod netns;
 mod protocol;
 mod records;
 mod resolver;
