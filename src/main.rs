@@ -11,6 +11,7 @@ mod resolve;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use waypost_common::Store;
+use waypost_common::model::IpPrefix;
 use waypost_common::source::state_file::StateFile;
 use waypost_dns::server::{self, Handler, SharedIndex};
 use waypost_dns::cache::CacheConfig;
@@ -68,6 +69,11 @@ struct RunArgs {
     /// Default: the number of CPUs.
     #[arg(long, value_name = "N")]
     dns_workers: Option<usize>,
+
+    /// A service or pod CIDR (repeatable): reverse lookups inside it are answered from the
+    /// cluster (NXDOMAIN when unknown) instead of being forwarded.
+    #[arg(long = "reverse-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    reverse_cidrs: Vec<IpPrefix>,
 
     #[command(flatten)]
     resolver: ResolverArgs,
@@ -142,6 +148,10 @@ enum PolicyArg {
 enum OnOff {
     On,
     Off,
+}
+
+fn parse_cidr(s: &str) -> Result<IpPrefix, String> {
+    waypost_common::convert::parse_prefix(s).ok_or_else(|| format!("{s:?} is not a CIDR such as 10.96.0.0/12"))
 }
 
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -254,7 +264,12 @@ fn start_source(
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let config = IndexConfig { zone: args.cluster_domain.clone(), ttl: args.ttl, pod_records: args.pod_records.into() };
+    let config = IndexConfig {
+        zone: args.cluster_domain.clone(),
+        ttl: args.ttl,
+        pod_records: args.pod_records.into(),
+        reverse_cidrs: args.reverse_cidrs.clone(),
+    };
     let workers = args.dns_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
 
     let (store, writer) = Store::new();

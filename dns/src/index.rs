@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use waypost_common::model::{Service, ServiceType};
+use waypost_common::model::{IpPrefix, Service, ServiceType};
 use waypost_common::{Changes, Name, ObjectKey, Snapshot};
 
 use crate::wire::{self, Answer, AnswerBuilder, Query, Rdata, rcode, rtype};
@@ -45,11 +45,14 @@ pub struct IndexConfig {
     pub ttl: u32,
     /// Pod records mode.
     pub pod_records: PodRecords,
+    /// Service and pod CIDRs: reverse names inside them are answered here (NXDOMAIN when
+    /// unknown); reverse names outside them go upstream.
+    pub reverse_cidrs: Vec<IpPrefix>,
 }
 
 impl Default for IndexConfig {
     fn default() -> Self {
-        Self { zone: "cluster.local".into(), ttl: 5, pod_records: PodRecords::Disabled }
+        Self { zone: "cluster.local".into(), ttl: 5, pod_records: PodRecords::Disabled, reverse_cidrs: Vec::new() }
     }
 }
 
@@ -97,6 +100,8 @@ struct Zone {
     ttl: u32,
     /// Pod record mode.
     pod_records: PodRecords,
+    /// CIDRs whose reverse names are ours.
+    reverse_cidrs: Vec<IpPrefix>,
 }
 
 /// One immutable version of the index; queries read it without locks.
@@ -168,7 +173,16 @@ impl Index {
                 None => e.fallback.as_ref().unwrap_or(&self.zone.nodata),
             });
         }
-        let Some(at) = zone_offset(name, &self.zone.wire) else { return Lookup::OutOfZone };
+        let Some(at) = zone_offset(name, &self.zone.wire) else {
+            if !self.zone.reverse_cidrs.is_empty() {
+                if let Some(ip) = parse_reverse(name) {
+                    if self.zone.reverse_cidrs.iter().any(|c| prefix_contains(c, ip)) {
+                        return if self.synced { Lookup::Answer(&self.zone.nxdomain) } else { Lookup::NotReady };
+                    }
+                }
+            }
+            return Lookup::OutOfZone;
+        };
         if !self.synced {
             return Lookup::NotReady;
         }
@@ -247,6 +261,48 @@ fn zone_offset(name: &[u8], zone: &[u8]) -> Option<usize> {
         i += 1 + name[i] as usize;
     }
     (i == target).then_some(target)
+}
+
+/// The address a full reverse name stands for (`4.3.2.1.in-addr.arpa`, 32 nibbles under
+/// `ip6.arpa`).
+fn parse_reverse(name: &[u8]) -> Option<IpAddr> {
+    let labels: Vec<&[u8]> = wire::labels(name).collect();
+    match labels.as_slice() {
+        [d, c, b, a, arpa1, arpa2] if arpa1.eq_ignore_ascii_case(b"in-addr") && arpa2.eq_ignore_ascii_case(b"arpa") => {
+            let o = |x: &[u8]| std::str::from_utf8(x).ok()?.parse::<u8>().ok();
+            Some(IpAddr::from([o(a)?, o(b)?, o(c)?, o(d)?]))
+        }
+        [nibbles @ .., ip6, arpa] if nibbles.len() == 32 && ip6.eq_ignore_ascii_case(b"ip6") && arpa.eq_ignore_ascii_case(b"arpa") => {
+            let mut bytes = [0u8; 16];
+            for (i, n) in nibbles.iter().rev().enumerate() {
+                let [c] = n else { return None };
+                let v = (*c as char).to_digit(16)? as u8;
+                bytes[i / 2] |= if i % 2 == 0 { v << 4 } else { v };
+            }
+            Some(IpAddr::from(bytes))
+        }
+        _ => None,
+    }
+}
+
+/// Whether `prefix` contains `ip`.
+fn prefix_contains(prefix: &IpPrefix, ip: IpAddr) -> bool {
+    let bits = |a: IpAddr| -> u128 {
+        match a {
+            IpAddr::V4(v) => u128::from(u32::from(v)) << 96,
+            IpAddr::V6(v) => u128::from(v),
+        }
+    };
+    if prefix.addr.is_ipv4() != ip.is_ipv4() {
+        return false;
+    }
+    // IPv4 sits in the top 32 bits, so one mask from the top serves both families.
+    let len = u32::from(prefix.len);
+    if len == 0 {
+        return true;
+    }
+    let mask = !0u128 << (128 - len.min(128));
+    bits(prefix.addr) & mask == bits(ip) & mask
 }
 
 /// `10-0-0-1` → 10.0.0.1; `fd00--1` → fd00::1.
@@ -378,6 +434,7 @@ impl IndexBuilder {
             nodata: negative(rcode::NOERROR),
             ttl: config.ttl,
             pod_records: config.pod_records,
+            reverse_cidrs: config.reverse_cidrs.clone(),
         }
     }
 
@@ -873,6 +930,20 @@ mod tests {
         assert_eq!(undash_ip("fd00--1"), Some("fd00::1".parse().unwrap()));
         assert_eq!(undash_ip("10-1-2-3"), Some("10.1.2.3".parse().unwrap()));
         assert_eq!(undash_ip("10-1-2"), None);
+    }
+
+    #[test]
+    fn reverse_names_parse_back_to_addresses_and_cidrs_contain_them() {
+        let w = |ip: &str| wire::name_to_wire(&reverse_name(ip.parse().unwrap())).unwrap();
+        for ip in ["10.96.3.4", "fd00::1:2", "::1"] {
+            assert_eq!(parse_reverse(&w(ip)), Some(ip.parse().unwrap()));
+        }
+        let p = waypost_common::convert::parse_prefix("10.96.0.0/12").unwrap();
+        assert!(prefix_contains(&p, "10.111.255.1".parse().unwrap()));
+        assert!(!prefix_contains(&p, "10.112.0.1".parse().unwrap()));
+        let p6 = waypost_common::convert::parse_prefix("fd00::/64").unwrap();
+        assert!(prefix_contains(&p6, "fd00::9".parse().unwrap()));
+        assert!(!prefix_contains(&p6, "10.0.0.1".parse().unwrap()));
     }
 
     #[test]

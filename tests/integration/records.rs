@@ -144,6 +144,18 @@ fn ptr_answers_for_cluster_ips_and_endpoints_and_refuses_unknown_addresses() {
 }
 
 #[test]
+fn reverse_names_inside_the_cluster_cidrs_are_answered_here() {
+    let w = Waypost::start(&fixture(), &["--reverse-cidr", "10.96.0.0/12", "--reverse-cidr", "fd00::/64"]);
+    assert_eq!(rrs(&w.query("1.1.96.10.in-addr.arpa", PTR).answers), ["PTR web.shop.svc.cluster.local."]);
+    let m = w.query("9.9.96.10.in-addr.arpa", PTR);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "unknown, but inside the service CIDR");
+    assert_eq!(m.authorities.len(), 1);
+    let v6 = "9.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa";
+    assert_eq!(w.query(v6, PTR).metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(w.query("1.1.1.1.in-addr.arpa", PTR).metadata.response_code, ResponseCode::Refused, "outside: not ours");
+}
+
+#[test]
 fn pod_records_follow_the_mode() {
     let name = "10-1-1-1.shop.pod.cluster.local";
     let w = Waypost::start(&fixture(), &[]);
