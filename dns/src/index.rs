@@ -368,6 +368,8 @@ pub struct IndexBuilder {
     ns_counts: HashMap<Box<[u8]>, u32>,
     /// ExternalName services by the in-zone name they alias, rebuilt when it changes.
     cname_deps: HashMap<Vec<u8>, HashSet<u32>>,
+    /// The reverse of `cname_deps`: the in-zone names each alias service points at.
+    cname_of: HashMap<u32, Vec<Vec<u8>>>,
     /// The namespace set as last published.
     namespaces: Arc<HashSet<Box<[u8]>, Hasher>>,
     /// Pod IP index as last published.
@@ -402,6 +404,7 @@ impl IndexBuilder {
             names: HashMap::new(),
             ns_counts: HashMap::new(),
             cname_deps: HashMap::new(),
+            cname_of: HashMap::new(),
             namespaces: Arc::default(),
             pod_ips: Arc::default(),
             generation: 0,
@@ -510,7 +513,8 @@ impl IndexBuilder {
         all.insert(dns_ent.clone(), BTreeSet::new());
         for name in [&z, &ns_name, &version, &dns_ent] {
             let recs: Vec<Rdata> = all[name].iter().cloned().collect();
-            let entry = self.build_entry(snap, name, &recs, &all, Box::new([]), ttl);
+            let context = |t: &[u8]| -> Vec<Rdata> { all.get(t).map(|s| s.iter().cloned().collect()).unwrap_or_default() };
+            let entry = self.build_entry(snap, name, &recs, &context, Box::new([]), ttl);
             self.insert(name.clone().into_boxed_slice(), Arc::new(entry));
         }
     }
@@ -652,6 +656,7 @@ impl IndexBuilder {
             }
             let mut fresh: HashMap<u32, Contribution> = HashMap::new();
             let mut affected: BTreeSet<Vec<u8>> = BTreeSet::new();
+            let mut aliases: HashSet<Vec<u8>> = HashSet::new();
             let mut round_ids = HashSet::new();
             for key in &services {
                 let id = self.id_of(key);
@@ -677,14 +682,21 @@ impl IndexBuilder {
                     }
                     _ => {}
                 }
-                for deps in self.cname_deps.values_mut() {
-                    deps.remove(&id);
+                for t in self.cname_of.remove(&id).unwrap_or_default() {
+                    if let Some(d) = self.cname_deps.get_mut(&t) {
+                        d.remove(&id);
+                        if d.is_empty() {
+                            self.cname_deps.remove(&t);
+                        }
+                    }
                 }
-                for recs in contrib.values() {
+                for (name, recs) in &contrib {
                     for r in recs {
                         if let Rdata::Cname(t) = r {
+                            aliases.insert(name.clone());
                             if zone_offset(t, &self.zone_wire).is_some() {
                                 self.cname_deps.entry(t.clone()).or_default().insert(id);
+                                self.cname_of.entry(id).or_default().push(t.clone());
                             }
                         }
                     }
@@ -700,14 +712,19 @@ impl IndexBuilder {
                 }
                 fresh.insert(id, contrib);
             }
-            self.cname_deps.retain(|_, d| !d.is_empty());
             // Aliases last, so they chase targets rebuilt in this round.
-            let (aliases, plain): (Vec<Vec<u8>>, Vec<Vec<u8>>) = affected.into_iter().partition(|n| {
-                fresh.values().any(|c| c.get(n).is_some_and(|s| s.iter().any(|r| matches!(r, Rdata::Cname(_)))))
-            });
+            let (aliases, plain): (Vec<Vec<u8>>, Vec<Vec<u8>>) = affected.into_iter().partition(|n| aliases.contains(n));
+            let mut round_owners: HashMap<&[u8], Vec<u32>> = HashMap::new();
+            for (id, c) in &fresh {
+                for name in c.keys() {
+                    round_owners.entry(name.as_slice()).or_default().push(*id);
+                }
+            }
+            let round_owners: HashMap<Vec<u8>, Vec<u32>> = round_owners.into_iter().map(|(k, v)| (k.to_vec(), v)).collect();
             let mut next = HashSet::new();
             for name in plain.iter().chain(aliases.iter()) {
-                self.rebuild_name(snap, name, &round_ids, &mut fresh);
+                let owners_now = round_owners.get(name).map(Vec::as_slice).unwrap_or(&[]);
+                self.rebuild_name(snap, name, &round_ids, owners_now, &mut fresh);
                 if let Some(deps) = self.cname_deps.get(name) {
                     for d in deps {
                         if !round_ids.contains(d) {
@@ -727,10 +744,17 @@ impl IndexBuilder {
         }
     }
 
-    fn rebuild_name(&mut self, snap: &Snapshot, name: &[u8], round: &HashSet<u32>, fresh: &mut HashMap<u32, Contribution>) {
+    fn rebuild_name(
+        &mut self,
+        snap: &Snapshot,
+        name: &[u8],
+        round: &HashSet<u32>,
+        owners_now: &[u32],
+        fresh: &mut HashMap<u32, Contribution>,
+    ) {
         let old_owners: Vec<u32> = self.get(name).map(|e| e.owners.to_vec()).unwrap_or_default();
         let mut owners: Vec<u32> = old_owners.into_iter().filter(|o| !round.contains(o)).collect();
-        owners.extend(round.iter().filter(|id| fresh.get(id).is_some_and(|c| c.contains_key(name))));
+        owners.extend_from_slice(owners_now);
         owners.sort_unstable();
         owners.dedup();
         if owners.is_empty() {
@@ -747,18 +771,20 @@ impl IndexBuilder {
             }
         }
         let mut recs = BTreeSet::new();
-        let mut context = Contribution::new();
         for o in &owners {
-            let c = &fresh[o];
-            if let Some(r) = c.get(name) {
+            if let Some(r) = fresh[o].get(name) {
                 recs.extend(r.iter().cloned());
-            }
-            // Additional records come from the same services (SRV targets).
-            for (n, r) in c {
-                context.entry(n.clone()).or_default().extend(r.iter().cloned());
             }
         }
         let recs: Vec<Rdata> = recs.into_iter().collect();
+        // Additional records come from the same services (SRV targets).
+        let contribs: Vec<&Contribution> = owners.iter().map(|o| &fresh[o]).collect();
+        let context = |target: &[u8]| -> Vec<Rdata> {
+            let mut v: Vec<Rdata> = contribs.iter().filter_map(|c| c.get(target)).flatten().cloned().collect();
+            v.sort();
+            v.dedup();
+            v
+        };
         let entry = self.build_entry(snap, name, &recs, &context, owners.into_boxed_slice(), self.config.ttl);
         self.insert(name.into(), Arc::new(entry));
     }
@@ -804,7 +830,7 @@ impl IndexBuilder {
         snap: &Snapshot,
         name: &[u8],
         recs: &[Rdata],
-        context: &Contribution,
+        context: &dyn Fn(&[u8]) -> Vec<Rdata>,
         owners: Box<[u32]>,
         ttl: u32,
     ) -> Entry {
@@ -827,9 +853,9 @@ impl IndexBuilder {
                         Rdata::Srv { target, .. } | Rdata::Ns(target) => target,
                         _ => continue,
                     };
-                    for a in context.get(target).into_iter().flatten() {
+                    for a in context(target) {
                         if matches!(a, Rdata::A(_) | Rdata::Aaaa(_)) {
-                            b.record(target, ttl, a);
+                            b.record(target, ttl, &a);
                         }
                     }
                 }

@@ -377,7 +377,7 @@ pub async fn follow_store(
                 metrics.observe_programming_latency(t.elapsed());
             }
             metrics.set_ready(synced);
-            tracing::debug!(generation, names, synced, took = ?started.elapsed(), "dns index published");
+            tracing::info!(generation, names, synced, took = ?started.elapsed(), "dns index published");
             last_gen = generation;
         }
         tokio::select! {
