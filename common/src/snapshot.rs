@@ -81,6 +81,16 @@ impl Snapshot {
         self.service_slices.get(key).map(|s| &s[..]).unwrap_or(&[])
     }
 
+    /// The object of `kind` at `key` (Nodes: the name), if the snapshot has it.
+    pub fn object(&self, kind: Kind, key: &ObjectKey) -> Option<Object> {
+        match kind {
+            Kind::Service => self.services.get(key).cloned().map(Object::Service),
+            Kind::EndpointSlice => self.slices.get(key).cloned().map(Object::EndpointSlice),
+            Kind::Pod => self.pods.get(key).cloned().map(Object::Pod),
+            Kind::Node => self.nodes.get(&key.name).cloned().map(Object::Node),
+        }
+    }
+
     /// The change set that produced this snapshot, if any.
     pub fn last_change(&self) -> Option<&ChangeSet> {
         self.log.back().map(|c| &**c).filter(|c| c.generation == self.generation)

@@ -63,9 +63,16 @@ pub struct Entry {
     owners: Box<[u32]>,
     /// Answers by query type; a type not listed gets `fallback` or NODATA.
     answers: Box<[(u16, Answer)]>,
-    /// For an alias: the CNAME answer given to any other type.
-    fallback: Option<Answer>,
-    /// For an alias to a name outside the zone: that name, to chase upstream.
+    /// For an alias (ExternalName), boxed: most names are not aliases.
+    alias: Option<Box<Alias>>,
+}
+
+/// What an alias entry adds.
+#[derive(Debug)]
+struct Alias {
+    /// The CNAME answer given to types without a chased answer.
+    fallback: Answer,
+    /// For a target outside the zone: that name, to chase upstream.
     external: Option<Box<[u8]>>,
 }
 
@@ -163,14 +170,19 @@ impl Index {
             if !self.synced {
                 return Lookup::NotReady;
             }
-            if let (Some(target), Some(cname)) = (&e.external, &e.fallback) {
+            if let Some(Alias { fallback, external: Some(target) }) = e.alias.as_deref() {
                 if q.qtype != rtype::CNAME {
-                    return Lookup::ExternalAlias(cname, target);
+                    return Lookup::ExternalAlias(fallback, target);
                 }
             }
-            return Lookup::Answer(match e.answers.iter().find(|(t, _)| *t == q.qtype) {
+            // ANY gets one of the name's record sets, as RFC 8482 allows.
+            let found = match q.qtype {
+                rtype::ANY => e.answers.first(),
+                t => e.answers.iter().find(|(at, _)| *at == t),
+            };
+            return Lookup::Answer(match found {
                 Some((_, a)) => a,
-                None => e.fallback.as_ref().unwrap_or(&self.zone.nodata),
+                None => e.alias.as_ref().map_or(&self.zone.nodata, |a| &a.fallback),
             });
         }
         let Some(at) = zone_offset(name, &self.zone.wire) else {
@@ -362,8 +374,9 @@ pub struct IndexBuilder {
     keys: Vec<Option<ObjectKey>>,
     /// Ids free for reuse.
     free: Vec<u32>,
-    /// The names each service contributed last time, to remove the ones it no longer has.
-    names: HashMap<u32, Box<[Box<[u8]>]>>,
+    /// The snapshot applied last: a service's old names are derived from it (rather than
+    /// stored), to remove the ones it no longer has.
+    prev: Snapshot,
     /// Services per namespace label, for `<ns>.svc.<zone>`.
     ns_counts: HashMap<Box<[u8]>, u32>,
     /// ExternalName services by the in-zone name they alias, rebuilt when it changes.
@@ -401,7 +414,7 @@ impl IndexBuilder {
             ids: HashMap::new(),
             keys: Vec::new(),
             free: Vec::new(),
-            names: HashMap::new(),
+            prev: Snapshot::default(),
             ns_counts: HashMap::new(),
             cname_deps: HashMap::new(),
             cname_of: HashMap::new(),
@@ -473,6 +486,7 @@ impl IndexBuilder {
         }
         self.generation = snap.generation;
         self.synced = snap.synced;
+        self.prev = snap.clone();
         Arc::new(self.publish())
     }
 
@@ -650,10 +664,13 @@ impl IndexBuilder {
 
     fn rebuild(&mut self, snap: &Snapshot, mut services: HashSet<ObjectKey>) {
         let mut ns_changed = false;
+        let mut done: HashSet<ObjectKey> = HashSet::new();
         for _round in 0..MAX_CHASE {
+            services.retain(|k| !done.contains(k));
             if services.is_empty() {
                 break;
             }
+            done.extend(services.iter().cloned());
             let mut fresh: HashMap<u32, Contribution> = HashMap::new();
             let mut affected: BTreeSet<Vec<u8>> = BTreeSet::new();
             let mut aliases: HashSet<Vec<u8>> = HashSet::new();
@@ -662,8 +679,8 @@ impl IndexBuilder {
                 let id = self.id_of(key);
                 round_ids.insert(id);
                 let contrib = self.contributions(snap, key);
-                let old = self.names.remove(&id).unwrap_or_default();
-                affected.extend(old.iter().map(|n| n.to_vec()));
+                let old: Vec<Vec<u8>> = self.contributions(&self.prev, key).into_keys().collect();
+                affected.extend(old.iter().cloned());
                 affected.extend(contrib.keys().cloned());
                 let ns = key.namespace.as_bytes();
                 match (old.is_empty(), contrib.is_empty()) {
@@ -701,14 +718,10 @@ impl IndexBuilder {
                         }
                     }
                 }
-                if contrib.is_empty() {
-                    if !snap.services.contains_key(key) {
-                        self.ids.remove(key);
-                        self.keys[id as usize] = None;
-                        self.free.push(id);
-                    }
-                } else {
-                    self.names.insert(id, contrib.keys().map(|k| k.clone().into_boxed_slice()).collect());
+                if contrib.is_empty() && !snap.services.contains_key(key) {
+                    self.ids.remove(key);
+                    self.keys[id as usize] = None;
+                    self.free.push(id);
                 }
                 fresh.insert(id, contrib);
             }
@@ -862,14 +875,7 @@ impl IndexBuilder {
             }
             answers.push((t, b.finish(rcode::NOERROR, true)));
         }
-        if !recs.is_empty() {
-            let mut b = AnswerBuilder::new(name);
-            for r in recs {
-                b.record(name, ttl, r);
-            }
-            answers.push((rtype::ANY, b.finish(rcode::NOERROR, true)));
-        }
-        Entry { owners, answers: answers.into_boxed_slice(), fallback: None, external: None }
+        Entry { owners, answers: answers.into_boxed_slice(), alias: None }
     }
 
     /// An ExternalName entry: CNAME to `target`; when the target is in the zone, its records
@@ -928,7 +934,7 @@ impl IndexBuilder {
                 answers.push((qtype, b.finish(rc, true)));
             }
         }
-        Entry { owners, answers: answers.into_boxed_slice(), fallback: Some(plain), external }
+        Entry { owners, answers: answers.into_boxed_slice(), alias: Some(Box::new(Alias { fallback: plain, external })) }
     }
 }
 

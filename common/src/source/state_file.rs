@@ -98,14 +98,12 @@ pub struct StateFile {
     path: PathBuf,
     /// Shares repeated strings across reloads.
     interner: Interner,
-    /// The last good version of every object, so a bad edit to one object keeps the old one.
-    last_good: HashMap<(Kind, ObjectKey), Object>,
 }
 
 impl StateFile {
     /// A source for `path`; nothing is read yet.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), interner: Interner::default(), last_good: HashMap::new() }
+        Self { path: path.into(), interner: Interner::default() }
     }
 
     /// The file this source reads.
@@ -139,7 +137,8 @@ impl StateFile {
                 }
                 Err(e) => {
                     let key = convert::identify(kind, item);
-                    let kept = key.and_then(|k| self.last_good.get(&(kind, k.clone())).map(|o| (k, o.clone())));
+                    // The last good version is the one the model holds now.
+                    let kept = key.and_then(|k| writer.current().object(kind, &k).map(|o| (k, o)));
                     match kept {
                         Some((k, o)) => {
                             tracing::warn!(file = %self.path.display(), "{e}; keeping its last good version");
@@ -161,7 +160,6 @@ impl StateFile {
         }
         writer.mark_synced();
         writer.commit();
-        self.last_good = next;
         self.interner.prune();
         Ok(report)
     }
