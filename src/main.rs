@@ -98,7 +98,7 @@ struct RunArgs {
 impl RunArgs {
     /// True when no explicit source is given, so waypost runs on the in-cluster config.
     fn in_cluster(&self) -> bool {
-        self.state.is_none()
+        self.state.is_none() && self.kubeconfig.is_none()
     }
 }
 
