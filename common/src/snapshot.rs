@@ -333,6 +333,8 @@ impl Writer {
     /// changed.
     pub fn commit(&mut self) -> Option<Arc<Snapshot>> {
         if self.pending.is_empty() {
+            // Events that changed nothing must not time the next real change.
+            self.pending.observed_at = None;
             return None;
         }
         let p = std::mem::take(&mut self.pending);
