@@ -64,7 +64,7 @@ case $UNBOUND_MODE in auth|local) ;; *) die "UNBOUND_MODE must be auth or local"
 has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
 
 ensure_peers
-if has_server waypost; then build_release waypost-clustergen waypost; else build_release waypost-clustergen; fi
+if has_server waypost; then build_release waypost-clustergen waypost waypost-testapi; else build_release waypost-clustergen; fi
 GEN=$TARGET/release/waypost-clustergen
 WAYPOST=$TARGET/release/waypost
 [[ -x $GEN ]] || die "$GEN is missing"
@@ -205,30 +205,34 @@ for size in $SIZES; do
     [[ ${KEEP_DATA:-0} == 1 ]] || rm -rf "$data" # 50k services make a ~160 MB state.yaml
 done
 
-# --- churn: waypost while its state file changes CHURN_RATE times a second ----------------------
-# For now the state file is rewritten (one EndpointSlice readiness flip per change, written to a
-# temporary file and renamed over state.yaml); waypost sees it only if `run --state` follows the file.
-# TODO(lead): switch to the waypost-testapi server once `waypost run` can watch it.
+# --- churn: waypost while the cluster changes CHURN_RATE times a second ---------------------------
+# The changes go through the real watch path: waypost-testapi (tests/apiserver) serves the
+# generated cluster and flips one EndpointSlice endpoint's readiness CHURN_RATE times a second;
+# waypost follows it with --kubeconfig. The API server shares core 1 with dnsperf.
 if has_server waypost && (( CHURN_SIZE > 0 )); then
     data=$WORK/churn-$CHURN_SIZE
-    log "=== churn: $CHURN_SIZE services, $CHURN_RATE changes/s"
+    log "=== churn: $CHURN_SIZE services, $CHURN_RATE changes/s through the test API server"
     "$GEN" --services "$CHURN_SIZE" --seed "$SEED" --zone "$ZONE" --out "$data"
-    start_server waypost "$data" || die "waypost did not start for the churn run"
-    loads0=$(grep -c 'state file loaded' "$WORK/waypost/log" || true)
-    # The writer shares core 1 with dnsperf, so QPS here is lower for that reason too; the
-    # per-CPU-second figure is the server's own.
-    taskset -c 1 "$GEN" churn --services "$CHURN_SIZE" --seed "$SEED" --zone "$ZONE" --out "$data" \
-        --rate "$CHURN_RATE" --duration "$((DURATION + LAT_DURATION + 1))" >"$RESULTS/churn.txt" 2>&1 &
-    churn_pid=$!
-    sleep 0.5
+    taskset -c 1 "$TARGET/release/waypost-testapi" --listen 127.0.0.1:0 --preload "$data/state.yaml" \
+        --kubeconfig "$data/kubeconfig" --churn-per-sec "$CHURN_RATE" --history-limit 100000 >"$data/api.url" 2>"$RESULTS/testapi.log" &
+    api_pid=$!
+    until [[ -s $data/api.url ]]; do kill -0 "$api_pid" 2>/dev/null || die "waypost-testapi exited: $(cat "$RESULTS/testapi.log")"; sleep 0.2; done
+    WAYPOST_KUBECONFIG=$data/kubeconfig start_server waypost "$data" || die "waypost did not start for the churn run"
+    metric() { curl -s 127.0.0.1:9153/metrics | awk -v m="$1" '$1 == m { print $2 }'; }
+    applied0=$(metric waypost_programming_latency_seconds_count)
     measure "$CHURN_SIZE" waypost 1 "$data/queries.txt" waypost-churn
     measure_latency "$CHURN_SIZE" waypost "$data/queries.txt" waypost-churn
-    wait "$churn_pid" || die "churn writer failed: $(cat "$RESULTS/churn.txt")"
-    loads1=$(grep -c 'state file loaded' "$WORK/waypost/log" || true)
-    echo "waypost logged $((loads1 - loads0)) state reloads while the file changed" >>"$RESULTS/churn.txt"
+    applied1=$(metric waypost_programming_latency_seconds_count)
+    sum=$(metric waypost_programming_latency_seconds_sum)
+    count=$(metric waypost_programming_latency_seconds_count)
+    {
+        echo "waypost published $(awk -v a="$applied0" -v b="$applied1" 'BEGIN { print b - a }') index updates from the watch during the measured runs"
+        echo "(mean watch-to-answer latency over the whole run: $(awk -v s="$sum" -v c="$count" 'BEGIN { if (c > 0) printf "%.2f ms", 1000 * s / c; else print "n/a" }'))"
+    } >"$RESULTS/churn.txt"
     grep -iE 'error|warn' "$WORK/waypost/log" | tail -3 >&2 || true
     log "$(tr '\n' ' ' <"$RESULTS/churn.txt")"
     stop_server waypost
+    kill "$api_pid" 2>/dev/null; wait "$api_pid" 2>/dev/null || true
 fi
 
 # --- report ----------------------------------------------------------------------------------------

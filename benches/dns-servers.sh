@@ -196,7 +196,10 @@ start_server() {
     rm -rf "$dir"; mkdir -p "$dir"
     case $s in
         waypost)
-            taskset -c 0 "$WAYPOST" run --state "$data/state.yaml" --dns-listen "127.0.0.1:$port" \
+            # WAYPOST_KUBECONFIG: watch an API server (the churn run) instead of the state file.
+            local source=(--state "$data/state.yaml")
+            [[ -n ${WAYPOST_KUBECONFIG:-} ]] && source=(--kubeconfig "$WAYPOST_KUBECONFIG")
+            taskset -c 0 "$WAYPOST" run "${source[@]}" --dns-listen "127.0.0.1:$port" \
                 --cluster-domain "$ZONE" --ttl 5 --dns-workers 1 >"$dir/log" 2>&1 &
             ;;
         knot)
