@@ -59,18 +59,97 @@ pub struct LoadReport {
 /// Splits a state file into objects: one JSON value, or YAML documents; `kind: List` (and
 /// `*List`) objects are flattened to their items.
 pub fn parse_objects(text: &str) -> Result<Vec<Value>, String> {
-    let mut docs = Vec::new();
-    if text.trim_start().starts_with('{') || text.trim_start().starts_with('[') {
+    let mut out = Vec::new();
+    for_each_object(text, |v| out.push(v))?;
+    Ok(out)
+}
+
+/// Like [`parse_objects`], but hands each object to `f` as soon as it is parsed. The items of a
+/// YAML `kind: List` as kubectl prints it (`items:` then `- ` at column 0) are parsed one at a
+/// time, so a large file never has all its objects in memory as generic values at once.
+pub fn for_each_object(text: &str, mut f: impl FnMut(Value)) -> Result<(), String> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        docs.push(v);
-    } else {
-        for de in serde_yaml::Deserializer::from_str(text) {
+        return flatten(v, &mut f);
+    }
+    for doc in yaml_documents(text) {
+        if let Some((rest, items)) = split_list_items(doc) {
+            let head: Value = serde_yaml::from_str(&rest).map_err(|e| e.to_string())?;
+            if head.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List")) {
+                for item in items {
+                    let v: Value = serde_yaml::from_str(&item).map_err(|e| e.to_string())?;
+                    flatten(v, &mut f)?;
+                }
+                continue;
+            }
+        }
+        for de in serde_yaml::Deserializer::from_str(doc) {
             let v: Value = serde::Deserialize::deserialize(de).map_err(|e| e.to_string())?;
-            docs.push(v);
+            flatten(v, &mut f)?;
         }
     }
-    let mut out = Vec::new();
-    let mut stack: Vec<Value> = docs.into_iter().rev().collect();
+    Ok(())
+}
+
+/// Splits YAML text at `---` document markers (column 0).
+fn yaml_documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("---") && matches!(line.as_bytes().get(3), None | Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            docs.push(&text[start..at]);
+            start = at + line.len();
+        }
+        at += line.len();
+    }
+    docs.push(&text[start..]);
+    docs
+}
+
+/// For a document whose `items:` sequence starts at column 0 (kubectl's layout): the document
+/// without the sequence, and each item as its own YAML text. `None` for any other layout.
+fn split_list_items(doc: &str) -> Option<(String, Vec<String>)> {
+    let lines: Vec<&str> = doc.split_inclusive('\n').collect();
+    let i = lines.iter().position(|l| l.trim_end() == "items:")?;
+    let mut items: Vec<String> = Vec::new();
+    let mut j = i + 1;
+    while j < lines.len() {
+        let line = lines[j];
+        if let Some(body) = line.strip_prefix("- ") {
+            items.push(format!("  {body}"));
+        } else if line.trim_end() == "-" {
+            items.push("\n".into());
+        } else if line.trim().is_empty() || line.starts_with('#') {
+            if let Some(cur) = items.last_mut() {
+                cur.push('\n');
+            }
+        } else if line.starts_with("  ") {
+            items.last_mut()?.push_str(line);
+        } else {
+            break;
+        }
+        j += 1;
+    }
+    if items.is_empty() {
+        return None;
+    }
+    let items = items.into_iter().map(|t| dedent2(&t)).collect();
+    let mut rest = String::new();
+    rest.extend(lines[..i].iter().copied());
+    rest.extend(lines[j..].iter().copied());
+    Some((rest, items))
+}
+
+/// Removes two columns of indentation from every line.
+fn dedent2(text: &str) -> String {
+    text.split_inclusive('\n').map(|l| l.strip_prefix("  ").unwrap_or(l.trim_start_matches(' '))).collect()
+}
+
+/// Hands `v` to `f`, flattening lists.
+fn flatten(v: Value, f: &mut impl FnMut(Value)) -> Result<(), String> {
+    let mut stack = vec![v];
     while let Some(v) = stack.pop() {
         match v {
             Value::Null => {}
@@ -81,15 +160,15 @@ pub fn parse_objects(text: &str) -> Result<Vec<Value>, String> {
                     Some(Value::Array(items)) if is_list => stack.extend(items.into_iter().rev()),
                     Some(items) => {
                         m.insert("items".into(), items);
-                        out.push(Value::Object(m));
+                        f(Value::Object(m));
                     }
-                    None => out.push(Value::Object(m)),
+                    None => f(Value::Object(m)),
                 }
             }
             other => return Err(format!("expected an object or a list of objects, found {other}")),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The state-file source.
@@ -122,38 +201,40 @@ impl StateFile {
 
     /// Applies the content of a state file to `writer`, committing one snapshot.
     pub fn load_text(&mut self, text: &str, writer: &mut Writer) -> Result<LoadReport, StateFileError> {
-        let items = parse_objects(text).map_err(|message| StateFileError::Parse { path: self.path.clone(), message })?;
         let mut report = LoadReport::default();
-        let mut next: HashMap<(Kind, ObjectKey), Object> = HashMap::with_capacity(items.len());
-        for item in &items {
-            let Some(kind) = convert::kind_of(item) else {
+        let mut next: HashMap<(Kind, ObjectKey), Object> = HashMap::new();
+        let path = &self.path;
+        let interner = &mut self.interner;
+        for_each_object(text, |item| {
+            let Some(kind) = convert::kind_of(&item) else {
                 report.ignored += 1;
-                continue;
+                return;
             };
-            match convert::convert(kind, item, &mut self.interner) {
+            match convert::convert(kind, &item, interner) {
                 Ok(obj) => {
                     report.loaded += 1;
                     next.insert(obj.id(), obj);
                 }
                 Err(e) => {
-                    let key = convert::identify(kind, item);
+                    let key = convert::identify(kind, &item);
                     // The last good version is the one the model holds now.
                     let kept = key.and_then(|k| writer.current().object(kind, &k).map(|o| (k, o)));
                     match kept {
                         Some((k, o)) => {
-                            tracing::warn!(file = %self.path.display(), "{e}; keeping its last good version");
+                            tracing::warn!(file = %path.display(), "{e}; keeping its last good version");
                             report.kept += 1;
                             next.insert((kind, k), o);
                         }
-                        None => tracing::warn!(file = %self.path.display(), "{e}; object skipped"),
+                        None => tracing::warn!(file = %path.display(), "{e}; object skipped"),
                     }
                     report.errors.push(e);
                 }
             }
-        }
+        })
+        .map_err(|message| StateFileError::Parse { path: self.path.clone(), message })?;
         let mut by_kind: HashMap<Kind, Vec<Object>> = HashMap::new();
-        for ((kind, _), obj) in &next {
-            by_kind.entry(*kind).or_default().push(obj.clone());
+        for ((kind, _), obj) in next {
+            by_kind.entry(kind).or_default().push(obj);
         }
         for kind in [Kind::Service, Kind::EndpointSlice, Kind::Pod, Kind::Node] {
             writer.replace_kind(kind, by_kind.remove(&kind).unwrap_or_default());
@@ -253,6 +334,27 @@ endpoints: [{addresses: [10.1.0.1]}]
         assert!(snap.synced);
         assert_eq!(snap.services.len(), 2);
         assert_eq!(snap.slices_of(&ObjectKey::new("shop", "web")).len(), 1);
+    }
+
+    #[test]
+    fn kubectl_layout_is_split_into_items_and_parses_like_the_whole_document() {
+        let text = "apiVersion: v1\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata:\n    name: a\n    namespace: b\n  spec:\n    ports:\n    - port: 80\n      name: http\n    description: |\n      line one\n      - not an item\n\n- kind: Pod\n  metadata: {name: p, namespace: b}\n# a comment\nkind: List\nmetadata:\n  resourceVersion: \"\"\n---\nkind: Node\nmetadata: {name: n1}\n";
+        let (rest, items) = split_list_items(yaml_documents(text)[0]).unwrap();
+        assert_eq!(items.len(), 2);
+        assert!(rest.contains("kind: List") && !rest.contains("Service"));
+        let streamed = parse_objects(text).unwrap();
+        let whole: Vec<Value> = {
+            let mut out = Vec::new();
+            for de in serde_yaml::Deserializer::from_str(text) {
+                flatten(serde::Deserialize::deserialize(de).unwrap(), &mut |v| out.push(v)).unwrap();
+            }
+            out
+        };
+        assert_eq!(streamed, whole);
+        assert_eq!(streamed.len(), 3);
+        assert_eq!(streamed[0]["spec"]["description"], "line one\n- not an item\n");
+        // A broken item fails the whole file.
+        assert!(parse_objects(&text.replace("name: p,", "name: [p,")).is_err());
     }
 
     #[test]
