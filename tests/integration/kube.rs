@@ -8,12 +8,13 @@ use serde_json::json;
 use waypost_testapi::Options;
 
 use crate::kube_support::*;
+use crate::support::Waypost;
 
 const WEB: &str = "web.shop.svc.cluster.local";
 const DB: &str = "db.shop.svc.cluster.local";
 
 /// Every name of [`base`] answers as it should.
-fn base_names_resolve(w: &KubeWaypost) {
+fn base_names_resolve(w: &Waypost) {
     assert_eq!(w.answers(WEB, A), ["A 10.96.0.10"], "{}", w.logs());
     assert_eq!(w.answers(DB, A), ["A 10.1.0.1", "A 10.1.0.2"], "{}", w.logs());
     assert_eq!(w.answers("kubernetes.default.svc.cluster.local", A), ["A 10.96.0.1"]);
@@ -163,7 +164,7 @@ fn an_api_server_stopped_and_started_again_loses_no_names_and_catches_up() {
 fn startup_with_the_api_server_down_answers_servfail_until_it_comes_up() {
     let c = Cluster::start(base());
     c.stop();
-    let w = KubeWaypost::spawn(&c.kubeconfig, &[]);
+    let w = Waypost::spawn_kube(&c.kubeconfig, &[]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(w.query(WEB, A).metadata.response_code, ResponseCode::ServFail);
     assert_ne!(w.http_status("/readyz"), 200);

@@ -1,22 +1,17 @@
 //! Test support for the Kubernetes API source: the test API server on a runtime of its own, and `waypost run --kubeconfig` pointed at it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use serde_json::{Value, json};
 use waypost_testapi::{Options, TestApiServer};
 
-use crate::support::{request, rrs};
+use crate::support::{WAIT, Waypost, rrs};
 
 /// How long any one wait for DNS to change may take: covers the watcher's first backoff steps
 /// (0.8 s, then 1.6 s, jittered up to double).
-pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 /// The test API server, the runtime it runs on, and a kubeconfig file for it.
 pub(crate) struct Cluster {
@@ -68,8 +63,8 @@ impl Cluster {
     }
 
     /// Starts waypost on this cluster with extra flags, and waits until it serves cluster names.
-    pub(crate) fn waypost(&self, args: &[&str]) -> KubeWaypost {
-        let w = KubeWaypost::spawn(&self.kubeconfig, args);
+    pub(crate) fn waypost(&self, args: &[&str]) -> Waypost {
+        let w = Waypost::spawn_kube(&self.kubeconfig, args);
         w.wait_until(|m| m.metadata.response_code != ResponseCode::ServFail, "kubernetes.default.svc.cluster.local", RecordType::A);
         w
     }
@@ -80,60 +75,11 @@ impl Cluster {
     }
 }
 
-/// A running `waypost run --kubeconfig` process.
-pub(crate) struct KubeWaypost {
-    /// The process; killed on drop.
-    child: Child,
-    /// Where it answers DNS.
-    pub(crate) addr: SocketAddr,
-    /// Where it serves /metrics, /healthz and /readyz.
-    pub(crate) metrics: SocketAddr,
-    /// Everything it logged so far.
-    logs: Arc<Mutex<String>>,
-}
-
-impl KubeWaypost {
+/// Extra helpers for tests that follow an API server.
+impl Waypost {
     /// Starts waypost on `kubeconfig` without waiting for it to sync.
-    pub(crate) fn spawn(kubeconfig: &std::path::Path, args: &[&str]) -> KubeWaypost {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_waypost"))
-            .arg("run")
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["--dns-listen", "127.0.0.1:0", "--dns-workers", "1", "--metrics-listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("NODE_NAME")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start waypost");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let l = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut g = l.lock().unwrap();
-                g.push_str(&line);
-                g.push('\n');
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let after = |marker: &str| -> SocketAddr {
-            line.split(marker)
-                .nth(1)
-                .and_then(|s| s.split([' ', ',']).next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("no {marker:?} address in startup line {line:?}; logs: {}", logs.lock().unwrap()))
-        };
-        let (addr, metrics) = (after(" on "), after("metrics on "));
-        KubeWaypost { child, addr, metrics, logs }
-    }
-
-    /// Everything logged so far.
-    pub(crate) fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
+    pub(crate) fn spawn_kube(kubeconfig: &std::path::Path, args: &[&str]) -> Waypost {
+        Waypost::launch(&["--kubeconfig".as_ref(), kubeconfig.as_os_str()], args)
     }
 
     /// Waits until the logs contain `needle` (stderr is read by another thread, so a line can
@@ -150,16 +96,6 @@ impl KubeWaypost {
         }
     }
 
-    /// One UDP query, retried until some answer comes.
-    pub(crate) fn query(&self, name: &str, rtype: RecordType) -> Message {
-        for _ in 0..5 {
-            if let Some(m) = self.try_query(name, rtype) {
-                return m;
-            }
-        }
-        panic!("no answer for {name} {rtype}")
-    }
-
     /// The sorted answer records of `name`, or its rcode when it is not NOERROR.
     pub(crate) fn answers(&self, name: &str, rtype: RecordType) -> Vec<String> {
         let m = self.query(name, rtype);
@@ -169,8 +105,8 @@ impl KubeWaypost {
         }
     }
 
-    /// Polls until [`KubeWaypost::answers`] equals `want`; panics after [`WAIT`]. Returns how
-    /// long it took.
+    /// Polls until [`Waypost::answers`] equals `want`; panics after [`WAIT`]. Returns how long
+    /// it took.
     pub(crate) fn wait_answers(&self, name: &str, rtype: RecordType, want: &[&str]) -> Duration {
         let start = Instant::now();
         loop {
@@ -183,45 +119,9 @@ impl KubeWaypost {
         }
     }
 
-    /// Polls `name`/`rtype` until `ok` holds; panics after [`WAIT`].
-    pub(crate) fn wait_until(&self, ok: impl Fn(&Message) -> bool, name: &str, rtype: RecordType) -> Duration {
-        let start = Instant::now();
-        loop {
-            if let Some(m) = self.try_query(name, rtype)
-                && ok(&m)
-            {
-                return start.elapsed();
-            }
-            assert!(start.elapsed() < WAIT, "condition on {name} {rtype} not met in {WAIT:?}\nlogs:\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn try_query(&self, name: &str, rtype: RecordType) -> Option<Message> {
-        let m = request(name, rtype, Some(1232));
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        s.send_to(&m.to_vec().unwrap(), self.addr).unwrap();
-        let mut buf = vec![0u8; 65535];
-        let n = s.recv(&mut buf).ok()?;
-        Some(Message::from_vec(&buf[..n]).expect("response parses"))
-    }
-
     /// GETs `path` from the metrics listener; returns the status code.
     pub(crate) fn http_status(&self, path: &str) -> u16 {
-        let mut s = TcpStream::connect(self.metrics).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
-    }
-}
-
-impl Drop for KubeWaypost {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.http_get(path).0
     }
 }
 

@@ -20,11 +20,14 @@ pub(crate) struct Waypost {
     pub(crate) metrics: SocketAddr,
     /// Everything it logged so far.
     logs: Arc<Mutex<String>>,
-    /// The state file it reads.
-    pub(crate) state: PathBuf,
+    /// The state file it reads (none when it watches an API server).
+    pub(crate) state: Option<PathBuf>,
     /// Keeps the state file's directory alive.
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
+
+/// How long `wait_*` helpers poll before failing.
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 /// The cluster fixture shared by most tests.
 pub(crate) fn fixture() -> String {
@@ -47,13 +50,22 @@ impl Waypost {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.yaml");
         std::fs::write(&path, state).unwrap();
+        let mut w = Waypost::launch(&["--state".as_ref(), path.as_os_str()], args);
+        w.state = Some(path);
+        w._dir = Some(dir);
+        w
+    }
+
+    /// Starts `waypost run` with the source flags `source` (e.g. `--kubeconfig PATH`) and extra
+    /// flags, on port 0 for DNS and metrics; returns once it printed its startup line.
+    pub(crate) fn launch(source: &[&std::ffi::OsStr], args: &[&str]) -> Waypost {
         let mut child = Command::new(env!("CARGO_BIN_EXE_waypost"))
             .arg("run")
-            .arg("--state")
-            .arg(&path)
+            .args(source)
             .args(["--dns-listen", "127.0.0.1:0", "--dns-workers", "2", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
+            .env_remove("NODE_NAME")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -71,19 +83,15 @@ impl Waypost {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        let addr: SocketAddr = line
-            .split(" on ")
-            .nth(1)
-            .and_then(|s| s.split([' ', ',']).next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no address in startup line {line:?}"));
-        let metrics: SocketAddr = line
-            .split("metrics on ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no metrics address in startup line {line:?}"));
-        Waypost { child, addr, metrics, logs, state: path, _dir: dir }
+        let after = |marker: &str| -> SocketAddr {
+            line.split(marker)
+                .nth(1)
+                .and_then(|s| s.split([' ', ',']).next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no {marker:?} address in startup line {line:?}; logs: {}", logs.lock().unwrap()))
+        };
+        let (addr, metrics) = (after(" on "), after("metrics on "));
+        Waypost { child, addr, metrics, logs, state: None, _dir: None }
     }
 
     /// GETs `path` from the metrics listener; returns the status code and body.
@@ -116,12 +124,13 @@ impl Waypost {
 
     /// Replaces the state file atomically (write + rename), as `kubectl ... > tmp; mv` would.
     pub(crate) fn write_state(&self, yaml: &str) {
-        let tmp = self.state.with_extension("tmp");
+        let state = self.state.as_ref().expect("started from a state file");
+        let tmp = state.with_extension("tmp");
         std::fs::write(&tmp, yaml).unwrap();
-        std::fs::rename(&tmp, &self.state).unwrap();
+        std::fs::rename(&tmp, state).unwrap();
     }
 
-    /// Polls `name`/`rtype` until `ok` holds; panics after 5 s. Returns how long it took.
+    /// Polls `name`/`rtype` until `ok` holds; panics after [`WAIT`]. Returns how long it took.
     pub(crate) fn wait_until(&self, ok: impl Fn(&Message) -> bool, name: &str, rtype: RecordType) -> Duration {
         let start = Instant::now();
         loop {
@@ -130,14 +139,14 @@ impl Waypost {
                     return start.elapsed();
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(5), "condition on {name} {rtype} not met in 5s");
+            assert!(start.elapsed() < WAIT, "condition on {name} {rtype} not met in {WAIT:?}\nlogs:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    /// One UDP query with EDNS (payload 1232).
+    /// One UDP query with EDNS (payload 1232), retried a few times until some answer comes.
     pub(crate) fn query(&self, name: &str, rtype: RecordType) -> Message {
-        self.try_query(name, rtype).unwrap_or_else(|| panic!("no answer for {name} {rtype}"))
+        (0..5).find_map(|_| self.try_query(name, rtype)).unwrap_or_else(|| panic!("no answer for {name} {rtype}"))
     }
 
     fn try_query(&self, name: &str, rtype: RecordType) -> Option<Message> {
