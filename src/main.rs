@@ -274,7 +274,8 @@ fn start_source(
 ) -> anyhow::Result<String> {
     use waypost_common::source::kube::{self as kube_source, ApiConfig, KubeSourceConfig};
     if let Some(state) = args.state.clone() {
-        let source = StateFile::new(&state);
+        // Pods cost memory and only verified pod records read them, as with the API source.
+        let source = StateFile::new(&state).with_pods(matches!(args.pod_records, PodMode::Verified));
         rt.spawn(source.run(writer, Duration::from_millis(20), shutdown));
         return Ok(format!("state file {}", state.display()));
     }

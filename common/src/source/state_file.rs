@@ -177,12 +177,21 @@ pub struct StateFile {
     path: PathBuf,
     /// Shares repeated strings across reloads.
     interner: Interner,
+    /// Whether Pods are kept: only some features need them (as with the API source, which
+    /// does not watch them otherwise), and they are most of a large cluster's objects.
+    pods: bool,
 }
 
 impl StateFile {
     /// A source for `path`; nothing is read yet.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), interner: Interner::default() }
+        Self { path: path.into(), interner: Interner::default(), pods: true }
+    }
+
+    /// Keeps (`true`, the default) or skips the file's Pods.
+    pub fn with_pods(mut self, pods: bool) -> Self {
+        self.pods = pods;
+        self
     }
 
     /// The file this source reads.
@@ -205,8 +214,9 @@ impl StateFile {
         let mut next: HashMap<(Kind, ObjectKey), Object> = HashMap::new();
         let path = &self.path;
         let interner = &mut self.interner;
+        let keep_pods = self.pods;
         for_each_object(text, |item| {
-            let Some(kind) = convert::kind_of(&item) else {
+            let Some(kind) = convert::kind_of(&item).filter(|k| keep_pods || *k != Kind::Pod) else {
                 report.ignored += 1;
                 return;
             };
@@ -355,6 +365,18 @@ endpoints: [{addresses: [10.1.0.1]}]
         assert_eq!(streamed[0]["spec"]["description"], "line one\n- not an item\n");
         // A broken item fails the whole file.
         assert!(parse_objects(&text.replace("name: p,", "name: [p,")).is_err());
+    }
+
+    #[test]
+    fn pods_are_skipped_when_nothing_needs_them() {
+        let text = "kind: List\nitems:\n- kind: Pod\n  metadata: {name: p, namespace: a}\n  status: {podIP: 10.0.0.1}\n";
+        let (store, mut w) = Store::new();
+        let r = StateFile::new("x").with_pods(false).load_text(text, &mut w).unwrap();
+        assert_eq!((r.loaded, r.ignored), (0, 1));
+        assert!(store.load().pods.is_empty());
+        let (store, mut w) = Store::new();
+        StateFile::new("x").load_text(text, &mut w).unwrap();
+        assert_eq!(store.load().pods.len(), 1);
     }
 
     #[test]
