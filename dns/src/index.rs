@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use waypost_common::model::{IpPrefix, Service, ServiceType};
 use waypost_common::{Changes, Name, ObjectKey, Snapshot};
 
-use crate::wire::{self, Answer, AnswerBuilder, Query, Rdata, rcode, rtype};
+use crate::wire::{self, Answer, AnswerBuilder, AnswerRef, Query, Rdata, rcode, rtype};
 
 /// How many shards the name map has; a rebuild copies only the shards it touches.
 const SHARDS: usize = 1024;
@@ -22,7 +22,8 @@ const SHARDS: usize = 1024;
 const MAX_CHASE: usize = 8;
 
 type Hasher = foldhash::fast::FixedState;
-type Shard = HashMap<Box<[u8]>, Arc<Entry>, Hasher>;
+/// Name → entry; an entry is one allocation ([`Entry`] reads it).
+type Shard = HashMap<Box<[u8]>, Arc<[u8]>, Hasher>;
 
 /// Whether and how `<a-b-c-d>.<ns>.pod.<zone>` names are answered (CoreDNS `pods`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -56,36 +57,126 @@ impl Default for IndexConfig {
     }
 }
 
-/// The answers for one name.
-#[derive(Debug)]
-pub struct Entry {
-    /// Ids of the services whose records make up this name.
-    owners: Box<[u32]>,
-    /// Answers by query type; a type not listed gets `fallback` or NODATA.
-    answers: Box<[(u16, Answer)]>,
-    /// For an alias (ExternalName), boxed: most names are not aliases.
-    alias: Option<Box<Alias>>,
-}
+/// The answers for one name, packed into one allocation (most names have one record set, so
+/// this costs a few dozen bytes instead of half a dozen heap blocks):
+///
+/// ```text
+/// owners: u16 n, n × u32 | answers: u8 n, n × answer | alias: u8 flag [answer] [u8 len, target]
+/// answer: u16 qtype, u8 rcode, u8 aa, 3 × u16 counts, u16 len, body
+/// ```
+///
+/// The owners are the ids of the services whose records make up the name. A type without an
+/// answer gets the alias's CNAME (ExternalName) or NODATA; an alias to a name outside the zone
+/// carries that name, to chase upstream.
+#[derive(Clone, Copy)]
+struct Entry<'a>(&'a [u8]);
 
-/// What an alias entry adds.
-#[derive(Debug)]
-struct Alias {
-    /// The CNAME answer given to types without a chased answer.
-    fallback: Answer,
-    /// For a target outside the zone: that name, to chase upstream.
-    external: Option<Box<[u8]>>,
+impl<'a> Entry<'a> {
+    fn encode(owners: &[u32], answers: &[(u16, Answer)], alias: Option<(&Answer, Option<&[u8]>)>) -> Arc<[u8]> {
+        let mut b = Vec::with_capacity(8 + owners.len() * 4 + answers.iter().map(|(_, a)| 12 + a.body.len()).sum::<usize>());
+        b.extend_from_slice(&(owners.len() as u16).to_be_bytes());
+        for o in owners {
+            b.extend_from_slice(&o.to_be_bytes());
+        }
+        let put = |b: &mut Vec<u8>, t: u16, a: &Answer| {
+            b.extend_from_slice(&t.to_be_bytes());
+            b.push(a.rcode);
+            b.push(u8::from(a.aa));
+            for c in a.counts {
+                b.extend_from_slice(&c.to_be_bytes());
+            }
+            b.extend_from_slice(&(a.body.len() as u16).to_be_bytes());
+            b.extend_from_slice(&a.body);
+        };
+        b.push(answers.len() as u8);
+        for (t, a) in answers {
+            put(&mut b, *t, a);
+        }
+        match alias {
+            None => b.push(0),
+            Some((fallback, external)) => {
+                b.push(1);
+                put(&mut b, rtype::CNAME, fallback);
+                match external {
+                    Some(t) => {
+                        b.push(t.len() as u8);
+                        b.extend_from_slice(t);
+                    }
+                    None => b.push(0),
+                }
+            }
+        }
+        b.into()
+    }
+
+    fn u16_at(&self, i: usize) -> u16 {
+        u16::from_be_bytes([self.0[i], self.0[i + 1]])
+    }
+
+    fn owners(&self) -> impl Iterator<Item = u32> + 'a {
+        let n = u16::from_be_bytes([self.0[0], self.0[1]]) as usize;
+        self.0[2..2 + 4 * n].chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    }
+
+    fn answers_start(&self) -> usize {
+        2 + 4 * self.u16_at(0) as usize
+    }
+
+    /// The answer stored at `i`, with its type and where the next one starts.
+    fn answer_at(&self, i: usize) -> (u16, AnswerRef<'a>, usize) {
+        let d = self.0;
+        let len = u16::from_be_bytes([d[i + 10], d[i + 11]]) as usize;
+        let a = AnswerRef {
+            rcode: d[i + 2],
+            aa: d[i + 3] != 0,
+            counts: [self.u16_at(i + 4), self.u16_at(i + 6), self.u16_at(i + 8)],
+            body: &d[i + 12..i + 12 + len],
+        };
+        (u16::from_be_bytes([d[i], d[i + 1]]), a, i + 12 + len)
+    }
+
+    /// The answer for `qtype` (ANY: the first record set, as RFC 8482 allows).
+    fn answer(&self, qtype: u16) -> Option<AnswerRef<'a>> {
+        let mut i = self.answers_start();
+        let n = self.0[i];
+        i += 1;
+        for _ in 0..n {
+            let (t, a, next) = self.answer_at(i);
+            if t == qtype || qtype == rtype::ANY {
+                return Some(a);
+            }
+            i = next;
+        }
+        None
+    }
+
+    /// The alias part: the CNAME answer and, for a target outside the zone, the target.
+    fn alias(&self) -> Option<(AnswerRef<'a>, Option<&'a [u8]>)> {
+        let mut i = self.answers_start();
+        let n = self.0[i];
+        i += 1;
+        for _ in 0..n {
+            i = self.answer_at(i).2;
+        }
+        if self.0[i] == 0 {
+            return None;
+        }
+        let (_, fallback, next) = self.answer_at(i + 1);
+        let len = self.0[next] as usize;
+        Some((fallback, (len > 0).then(|| &self.0[next + 1..next + 1 + len])))
+    }
 }
 
 /// The result of a lookup.
 #[derive(Debug)]
 pub enum Lookup<'a> {
     /// A prebuilt answer.
-    Answer(&'a Answer),
+    Answer(AnswerRef<'a>),
     /// An answer built for this query (pod records).
     Built(Answer),
     /// An alias to a name outside the zone: the CNAME answer, and the target to chase
     /// upstream when forwarding is on.
-    ExternalAlias(&'a Answer, &'a [u8]),
+    ExternalAlias(AnswerRef<'a>, &'a [u8]),
     /// Not synced yet: SERVFAIL.
     NotReady,
     /// Outside the zones waypost serves (REFUSED, or forwarded upstream).
@@ -145,9 +236,9 @@ impl Index {
         self.len() == 0
     }
 
-    fn entry(&self, name: &[u8]) -> Option<&Arc<Entry>> {
+    fn entry(&self, name: &[u8]) -> Option<Entry<'_>> {
         let h = self.hasher.hash_one(name);
-        self.shards[(h as usize) % SHARDS].get(name)
+        self.shards[(h as usize) % SHARDS].get(name).map(|b| Entry(b))
     }
 
     /// Where the zone apex starts in `name` (which must be in the zone).
@@ -170,26 +261,22 @@ impl Index {
             if !self.synced {
                 return Lookup::NotReady;
             }
-            if let Some(Alias { fallback, external: Some(target) }) = e.alias.as_deref() {
+            let alias = e.alias();
+            if let Some((fallback, Some(target))) = alias {
                 if q.qtype != rtype::CNAME {
                     return Lookup::ExternalAlias(fallback, target);
                 }
             }
-            // ANY gets one of the name's record sets, as RFC 8482 allows.
-            let found = match q.qtype {
-                rtype::ANY => e.answers.first(),
-                t => e.answers.iter().find(|(at, _)| *at == t),
-            };
-            return Lookup::Answer(match found {
-                Some((_, a)) => a,
-                None => e.alias.as_ref().map_or(&self.zone.nodata, |a| &a.fallback),
+            return Lookup::Answer(match e.answer(q.qtype) {
+                Some(a) => a,
+                None => alias.map_or(self.zone.nodata.as_ref(), |(f, _)| f),
             });
         }
         let Some(at) = zone_offset(name, &self.zone.wire) else {
             if !self.zone.reverse_cidrs.is_empty() {
                 if let Some(ip) = parse_reverse(name) {
                     if self.zone.reverse_cidrs.iter().any(|c| prefix_contains(c, ip)) {
-                        return if self.synced { Lookup::Answer(&self.zone.nxdomain) } else { Lookup::NotReady };
+                        return if self.synced { Lookup::Answer(self.zone.nxdomain.as_ref()) } else { Lookup::NotReady };
                     }
                 }
             }
@@ -227,7 +314,7 @@ impl Index {
     fn miss_in_zone(&self, q: &Query, rel: &[u8]) -> Lookup<'_> {
         let mut rel_labels: Vec<&[u8]> = wire::labels(rel).collect();
         rel_labels.reverse();
-        let nodata = Lookup::Answer(&self.zone.nodata);
+        let nodata = Lookup::Answer(self.zone.nodata.as_ref());
         let pods = self.zone.pod_records != PodRecords::Disabled;
         match rel_labels.as_slice() {
             [b"svc"] => nodata,
@@ -243,9 +330,9 @@ impl Index {
                     b.record(q.name(), self.zone.ttl, &Rdata::addr(ip));
                     Lookup::Built(b.finish(rcode::NOERROR, true))
                 }
-                None => Lookup::Answer(&self.zone.nxdomain),
+                None => Lookup::Answer(self.zone.nxdomain.as_ref()),
             },
-            _ => Lookup::Answer(&self.zone.nxdomain),
+            _ => Lookup::Answer(self.zone.nxdomain.as_ref()),
         }
     }
 
@@ -529,7 +616,7 @@ impl IndexBuilder {
             let recs: Vec<Rdata> = all[name].iter().cloned().collect();
             let context = |t: &[u8]| -> Vec<Rdata> { all.get(t).map(|s| s.iter().cloned().collect()).unwrap_or_default() };
             let entry = self.build_entry(snap, name, &recs, &context, Box::new([]), ttl);
-            self.insert(name.clone().into_boxed_slice(), Arc::new(entry));
+            self.insert(name.clone().into_boxed_slice(), entry);
         }
     }
 
@@ -765,7 +852,7 @@ impl IndexBuilder {
         owners_now: &[u32],
         fresh: &mut HashMap<u32, Contribution>,
     ) {
-        let old_owners: Vec<u32> = self.get(name).map(|e| e.owners.to_vec()).unwrap_or_default();
+        let old_owners: Vec<u32> = self.get(name).map(|e| e.owners().collect()).unwrap_or_default();
         let mut owners: Vec<u32> = old_owners.into_iter().filter(|o| !round.contains(o)).collect();
         owners.extend_from_slice(owners_now);
         owners.sort_unstable();
@@ -799,15 +886,15 @@ impl IndexBuilder {
             v
         };
         let entry = self.build_entry(snap, name, &recs, &context, owners.into_boxed_slice(), self.config.ttl);
-        self.insert(name.into(), Arc::new(entry));
+        self.insert(name.into(), entry);
     }
 
-    fn get(&self, name: &[u8]) -> Option<&Arc<Entry>> {
+    fn get(&self, name: &[u8]) -> Option<Entry<'_>> {
         let h = self.hasher.hash_one(name);
-        self.shards[(h as usize) % SHARDS].get(name)
+        self.shards[(h as usize) % SHARDS].get(name).map(|b| Entry(b))
     }
 
-    fn insert(&mut self, name: Box<[u8]>, e: Arc<Entry>) {
+    fn insert(&mut self, name: Box<[u8]>, e: Arc<[u8]>) {
         let h = self.hasher.hash_one(&name[..]);
         Arc::make_mut(&mut self.shards[(h as usize) % SHARDS]).insert(name, e);
     }
@@ -824,14 +911,14 @@ impl IndexBuilder {
     fn records_at(&self, snap: &Snapshot, name: &[u8]) -> Option<Vec<Rdata>> {
         let e = self.get(name)?;
         let mut recs = BTreeSet::new();
-        for o in e.owners.iter() {
-            if let Some(Some(k)) = self.keys.get(*o as usize) {
+        for o in e.owners() {
+            if let Some(Some(k)) = self.keys.get(o as usize) {
                 if let Some(r) = self.contributions(snap, k).remove(name) {
                     recs.extend(r);
                 }
             }
         }
-        if e.owners.is_empty() {
+        if e.owners().next().is_none() {
             // Apex names have no owners; they are never alias targets worth chasing.
             return Some(Vec::new());
         }
@@ -846,7 +933,7 @@ impl IndexBuilder {
         context: &dyn Fn(&[u8]) -> Vec<Rdata>,
         owners: Box<[u32]>,
         ttl: u32,
-    ) -> Entry {
+    ) -> Arc<[u8]> {
         if let Some(Rdata::Cname(target)) = recs.iter().find(|r| matches!(r, Rdata::Cname(_))) {
             return self.alias_entry(snap, name, target, owners, ttl);
         }
@@ -875,12 +962,12 @@ impl IndexBuilder {
             }
             answers.push((t, b.finish(rcode::NOERROR, true)));
         }
-        Entry { owners, answers: answers.into_boxed_slice(), alias: None }
+        Entry::encode(&owners, &answers, None)
     }
 
     /// An ExternalName entry: CNAME to `target`; when the target is in the zone, its records
     /// of the asked type follow in the same answer.
-    fn alias_entry(&self, snap: &Snapshot, name: &[u8], target: &[u8], owners: Box<[u32]>, ttl: u32) -> Entry {
+    fn alias_entry(&self, snap: &Snapshot, name: &[u8], target: &[u8], owners: Box<[u32]>, ttl: u32) -> Arc<[u8]> {
         let cname = Rdata::Cname(target.to_vec());
         let plain = {
             let mut b = AnswerBuilder::new(name);
@@ -888,7 +975,7 @@ impl IndexBuilder {
             b.finish(rcode::NOERROR, true)
         };
         let mut answers = vec![(rtype::CNAME, plain.clone())];
-        let external = zone_offset(target, &self.zone_wire).is_none().then(|| target.into());
+        let external: Option<Box<[u8]>> = zone_offset(target, &self.zone_wire).is_none().then(|| target.into());
         if external.is_none() {
             // Follow the chain inside the zone.
             let mut chain = vec![(name.to_vec(), cname.clone())];
@@ -934,7 +1021,7 @@ impl IndexBuilder {
                 answers.push((qtype, b.finish(rc, true)));
             }
         }
-        Entry { owners, answers: answers.into_boxed_slice(), alias: Some(Box::new(Alias { fallback: plain, external })) }
+        Entry::encode(&owners, &answers, Some((&plain, external.as_deref())))
     }
 }
 

@@ -304,7 +304,7 @@ fn local_lookup(index: &SharedIndex, name: &[u8], qtype: u16) -> Option<Message>
     let mut out = Vec::new();
     match index.load().lookup(&q) {
         Lookup::Answer(a) => wire::write_response(&bytes, &q, a, true, None, &mut out),
-        Lookup::Built(a) => wire::write_response(&bytes, &q, &a, true, None, &mut out),
+        Lookup::Built(a) => wire::write_response(&bytes, &q, a.as_ref(), true, None, &mut out),
         _ => return None,
     }
     Message::from_vec(&out).ok()

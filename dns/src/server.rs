@@ -140,7 +140,7 @@ impl Handler {
                 (self.zone_slot, Responder::Kubernetes)
             }
             Lookup::Built(a) => {
-                wire::write_response(msg, &q, &a, ra, Some(limit), out);
+                wire::write_response(msg, &q, a.as_ref(), ra, Some(limit), out);
                 (self.zone_slot, Responder::Kubernetes)
             }
             Lookup::ExternalAlias(a, target) => match &self.resolver {

@@ -72,6 +72,26 @@ pub struct Answer {
     pub body: Box<[u8]>,
 }
 
+/// A borrowed view of an answer, as stored in the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerRef<'a> {
+    /// The rcode (low 4 bits).
+    pub rcode: u8,
+    /// Authoritative answer.
+    pub aa: bool,
+    /// Answer, authority and additional record counts.
+    pub counts: [u16; 3],
+    /// The encoded sections.
+    pub body: &'a [u8],
+}
+
+impl Answer {
+    /// A borrowed view.
+    pub fn as_ref(&self) -> AnswerRef<'_> {
+        AnswerRef { rcode: self.rcode, aa: self.aa, counts: self.counts, body: &self.body }
+    }
+}
+
 /// Why a query cannot be answered normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -243,7 +263,7 @@ fn skip_rr(msg: &[u8], mut i: usize) -> Result<(usize, u16, u16, u32), WireError
 
 /// Writes the response to `q` with the prebuilt `answer` into `out`. With `udp_limit`, a
 /// response that does not fit is sent truncated (TC set, no records but OPT).
-pub fn write_response(msg: &[u8], q: &Query, answer: &Answer, ra: bool, udp_limit: Option<usize>, out: &mut Vec<u8>) {
+pub fn write_response(msg: &[u8], q: &Query, answer: AnswerRef<'_>, ra: bool, udp_limit: Option<usize>, out: &mut Vec<u8>) {
     out.clear();
     let opt_len = if q.edns.is_some() { 11 } else { 0 };
     let full = q.question_end + answer.body.len() + opt_len;
@@ -261,7 +281,7 @@ pub fn write_response(msg: &[u8], q: &Query, answer: &Answer, ra: bool, udp_limi
     out.extend_from_slice(&(counts[2] + u16::from(q.edns.is_some())).to_be_bytes());
     out.extend_from_slice(&msg[12..q.question_end]);
     if !truncated {
-        out.extend_from_slice(&answer.body);
+        out.extend_from_slice(answer.body);
     }
     if let Some(e) = q.edns {
         push_opt(out, e.dnssec_ok, 0);
@@ -310,7 +330,7 @@ pub fn error_response(msg: &[u8], err: WireError, out: &mut Vec<u8>) -> bool {
 /// outside the zone), echoing the question and EDNS.
 pub fn empty_response(msg: &[u8], q: &Query, rcode: u8, ra: bool, out: &mut Vec<u8>) {
     let a = Answer { rcode, aa: false, counts: [0; 3], body: Box::new([]) };
-    write_response(msg, q, &a, ra, None, out);
+    write_response(msg, q, a.as_ref(), ra, None, out);
 }
 
 // === encoding ===
@@ -598,7 +618,7 @@ mod tests {
         let m = query("WEB.shop", rtype::A, None);
         let q = parse_query(&m).unwrap();
         let mut out = Vec::new();
-        write_response(&m, &q, &a, false, Some(512), &mut out);
+        write_response(&m, &q, a.as_ref(), false, Some(512), &mut out);
         assert_eq!(&out[12..q.question_end], &m[12..q.question_end]);
         assert_eq!(out[2] & 0x84, 0x84, "QR and AA");
         assert_eq!(&out[6..8], &[0, 1]);
@@ -616,10 +636,10 @@ mod tests {
         let m = query("big", rtype::A, None);
         let q = parse_query(&m).unwrap();
         let mut out = Vec::new();
-        write_response(&m, &q, &a, false, Some(q.udp_limit()), &mut out);
+        write_response(&m, &q, a.as_ref(), false, Some(q.udp_limit()), &mut out);
         assert!(out.len() <= 512);
         assert_eq!(out[2] & 0x02, 0x02, "TC");
-        write_response(&m, &q, &a, false, None, &mut out);
+        write_response(&m, &q, a.as_ref(), false, None, &mut out);
         assert_eq!(out.len(), q.question_end + a.body.len());
     }
 
