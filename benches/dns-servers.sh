@@ -200,7 +200,7 @@ start_server() {
             local source=(--state "$data/state.yaml")
             [[ -n ${WAYPOST_KUBECONFIG:-} ]] && source=(--kubeconfig "$WAYPOST_KUBECONFIG")
             taskset -c 0 "$WAYPOST" run "${source[@]}" --dns-listen "127.0.0.1:$port" \
-                --cluster-domain "$ZONE" --ttl 5 --dns-workers 1 >"$dir/log" 2>&1 &
+                --cluster-domain "$ZONE" --ttl 5 --dns-workers 1 ${WAYPOST_ARGS:-} >"$dir/log" 2>&1 &
             ;;
         knot)
             write_knot_conf "$dir" "$port" "$data/$ZONE.zone"

@@ -11,7 +11,8 @@
 # kubernetes/Scaling_CoreDNS.md; it bakes in 30 MB of a full 10000-entry cache and a 5 MB query
 # buffer). With PEERS=1 it also starts Knot, NSD and unbound on the same records as zone data.
 #
-# Environment overrides: SERVICES [10000], ENDPOINTS [100000], PEERS [1], SEED [1],
+# WAYPOST_ARGS adds flags to `waypost run` (e.g. "--pod-records verified", which keeps the pods).
+# Environment overrides: SERVICES [10000], ENDPOINTS [100000], PEERS [1], SEED [1], SETTLE [15],
 # PORT_BASE [15400], UNBOUND_MODE [local], RESULTS [target/mem-bench/<timestamp>], SKIP_BUILD=1.
 set -euo pipefail
 
@@ -79,6 +80,9 @@ if (( wp_ok )); then
     taskset -c 1 dnsperf -s 127.0.0.1 -p "$(port_of waypost)" -d "$data/queries.txt" -l 3 -c 8 -q 200 -t 1 \
         >"$RESULTS/dnsperf-waypost.txt" 2>&1 || die "dnsperf against waypost failed"
     wp_rss_q=$(status waypost VmRSS); wp_hwm_q=$(status waypost VmHWM)
+    # mimalloc hands memory freed after the load back over the next seconds.
+    sleep "${SETTLE:-15}"
+    wp_rss_s=$(status waypost VmRSS)
     stop_server waypost
 fi
 
@@ -107,6 +111,7 @@ mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }'; }
         echo "| waypost peak RSS (VmHWM) during load | $(mb "$wp_hwm") |"
         echo "| waypost PSS after load | $(mb "$wp_pss") |"
         echo "| waypost RSS after 3 s of queries (peak) | $(mb "$wp_rss_q") ($(mb "$wp_hwm_q")) |"
+        echo "| waypost RSS ${SETTLE:-15} s later (settled) | $(mb "$wp_rss_s") |"
     fi
     echo "| CoreDNS formula, default settings: (pods + services) / 1000 + 54 | $coredns_mb |"
     for s in knot nsd unbound; do
