@@ -265,6 +265,8 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
 /// resolver are finished on `rt`.
 pub fn serve_udp_blocking(socket: UdpSocket, handler: Handler, stop: Arc<AtomicBool>, rt: tokio::runtime::Handle) {
     let socket = Arc::new(socket);
+    // Inside the runtime's context, so cache prefetches started from this thread can spawn.
+    let _rt = rt.enter();
     let _ = socket.set_read_timeout(Some(UDP_POLL));
     let mut buf = vec![0u8; 65535];
     let mut out = Vec::with_capacity(4096);
