@@ -256,3 +256,28 @@ fn waypost_resolve_replays_the_search_walk() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("result: Refused"), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[test]
+fn popular_cached_answers_are_refreshed_before_they_expire() {
+    let up = upstream(&["--ttl", "10"]);
+    let w = Waypost::start(&fixture(), &["--upstream", &up.addr.to_string(), "--cache-min-ttl", "1"]);
+    for _ in 0..3 {
+        assert_eq!(rrs(&w.query("web.shop.svc.example", A).answers), ["A 10.96.1.1"]);
+    }
+    let before = requests(&up);
+    // With under 10% of the TTL left, a hit answers from the cache and refreshes it upstream.
+    std::thread::sleep(Duration::from_millis(9300));
+    let m = w.query("web.shop.svc.example", A);
+    assert_eq!(rrs(&m.answers), ["A 10.96.1.1"]);
+    assert!(m.answers[0].ttl <= 1, "served from the cache: ttl {}", m.answers[0].ttl);
+    let start = std::time::Instant::now();
+    while requests(&up) - before < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(3), "no prefetch reached the upstream");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(w.metric_sum("coredns_cache_prefetch_total", &[]) >= 1.0);
+    // The refreshed entry answers with a fresh TTL, from the cache.
+    let before = requests(&up);
+    assert!(w.query("web.shop.svc.example", A).answers[0].ttl > 5);
+    assert_eq!(requests(&up) - before, 0.0);
+}
