@@ -393,11 +393,10 @@ impl<'a> Cx<'a> {
             let ip = x.get("ip").ok_or_else(|| self.err(format!("status.podIPs[{i}].ip"), "missing"))?;
             ips.push(self.ip(ip, &format!("status.podIPs[{i}].ip"))?);
         }
-        if ips.is_empty() {
-            if let Some(ip) = self.opt_str(status.get("podIP"), "status.podIP")? {
+        if ips.is_empty()
+            && let Some(ip) = self.opt_str(status.get("podIP"), "status.podIP")? {
                 ips.push(self.ip(&Value::String(ip.into()), "status.podIP")?);
             }
-        }
         let phase = match self.opt_str(status.get("phase"), "status.phase")? {
             None | Some("Pending") => PodPhase::Pending,
             Some("Running") => PodPhase::Running,

@@ -262,24 +262,21 @@ impl Index {
                 return Lookup::NotReady;
             }
             let alias = e.alias();
-            if let Some((fallback, Some(target))) = alias {
-                if q.qtype != rtype::CNAME {
+            if let Some((fallback, Some(target))) = alias
+                && q.qtype != rtype::CNAME {
                     return Lookup::ExternalAlias(fallback, target);
                 }
-            }
             return Lookup::Answer(match e.answer(q.qtype) {
                 Some(a) => a,
                 None => alias.map_or(self.zone.nodata.as_ref(), |(f, _)| f),
             });
         }
         let Some(at) = zone_offset(name, &self.zone.wire) else {
-            if !self.zone.reverse_cidrs.is_empty() {
-                if let Some(ip) = parse_reverse(name) {
-                    if self.zone.reverse_cidrs.iter().any(|c| prefix_contains(c, ip)) {
+            if !self.zone.reverse_cidrs.is_empty()
+                && let Some(ip) = parse_reverse(name)
+                    && self.zone.reverse_cidrs.iter().any(|c| prefix_contains(c, ip)) {
                         return if self.synced { Lookup::Answer(self.zone.nxdomain.as_ref()) } else { Lookup::NotReady };
                     }
-                }
-            }
             return Lookup::OutOfZone;
         };
         if !self.synced {
@@ -827,11 +824,10 @@ impl IndexBuilder {
                 self.rebuild_name(snap, name, &round_ids, owners_now, &mut fresh);
                 if let Some(deps) = self.cname_deps.get(name) {
                     for d in deps {
-                        if !round_ids.contains(d) {
-                            if let Some(Some(k)) = self.keys.get(*d as usize) {
+                        if !round_ids.contains(d)
+                            && let Some(Some(k)) = self.keys.get(*d as usize) {
                                 next.insert(k.clone());
                             }
-                        }
                     }
                 }
             }
@@ -912,11 +908,10 @@ impl IndexBuilder {
         let e = self.get(name)?;
         let mut recs = BTreeSet::new();
         for o in e.owners() {
-            if let Some(Some(k)) = self.keys.get(o as usize) {
-                if let Some(r) = self.contributions(snap, k).remove(name) {
+            if let Some(Some(k)) = self.keys.get(o as usize)
+                && let Some(r) = self.contributions(snap, k).remove(name) {
                     recs.extend(r);
                 }
-            }
         }
         if e.owners().next().is_none() {
             // Apex names have no owners; they are never alias targets worth chasing.

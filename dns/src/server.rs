@@ -127,15 +127,13 @@ impl Handler {
         let index = self.index.load();
         let (slot, responder) = match index.lookup(&q) {
             Lookup::Answer(a) => {
-                if let (Some(r), rcode::NXDOMAIN) = (&self.resolver, a.rcode) {
-                    if r.shortcut {
-                        if let Some(stem_len) = index.search_stem(q.name()) {
+                if let (Some(r), rcode::NXDOMAIN) = (&self.resolver, a.rcode)
+                    && r.shortcut
+                        && let Some(stem_len) = index.search_stem(q.name()) {
                             self.metrics.record_request(self.zone_slot, proto, Family::of(&peer), q.qtype);
                             let zone = q.name()[index.zone_start(q.name())..].to_vec();
                             return Outcome::Slow(Box::new((q, Slow::Shortcut { stem_len, zone })));
                         }
-                    }
-                }
                 wire::write_response(msg, &q, a, ra, Some(limit), out);
                 (self.zone_slot, Responder::Kubernetes)
             }

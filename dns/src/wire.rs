@@ -533,12 +533,11 @@ impl AnswerBuilder {
         let mut i = 0;
         while i < name.len() && name[i] != 0 {
             let suffix = &name[i..];
-            if compress && self.compress {
-                if let Some((_, off)) = self.names.iter().find(|(n, _)| n == suffix) {
+            if compress && self.compress
+                && let Some((_, off)) = self.names.iter().find(|(n, _)| n == suffix) {
                     self.buf.extend_from_slice(&(0xC000 | off).to_be_bytes());
                     return;
                 }
-            }
             let here = self.buf.len();
             if here < 0x3FFF && self.compress {
                 self.names.push((suffix.to_vec(), here as u16));

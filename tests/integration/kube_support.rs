@@ -10,9 +10,6 @@ use waypost_testapi::{Options, TestApiServer};
 
 use crate::support::{WAIT, Waypost, rrs};
 
-/// How long any one wait for DNS to change may take: covers the watcher's first backoff steps
-/// (0.8 s, then 1.6 s, jittered up to double).
-
 /// The test API server, the runtime it runs on, and a kubeconfig file for it.
 pub(crate) struct Cluster {
     /// The server; stopped (listener closed) when dropped.

@@ -26,7 +26,8 @@ pub(crate) struct Waypost {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// How long `wait_*` helpers poll before failing.
+/// How long `wait_*` helpers poll before failing: covers the API watcher's first backoff steps
+/// (0.8 s, then 1.6 s, jittered up to double).
 pub(crate) const WAIT: Duration = Duration::from_secs(15);
 
 /// The cluster fixture shared by most tests.
@@ -134,11 +135,10 @@ impl Waypost {
     pub(crate) fn wait_until(&self, ok: impl Fn(&Message) -> bool, name: &str, rtype: RecordType) -> Duration {
         let start = Instant::now();
         loop {
-            if let Some(m) = self.try_query(name, rtype) {
-                if ok(&m) {
+            if let Some(m) = self.try_query(name, rtype)
+                && ok(&m) {
                     return start.elapsed();
                 }
-            }
             assert!(start.elapsed() < WAIT, "condition on {name} {rtype} not met in {WAIT:?}\nlogs:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(2));
         }
