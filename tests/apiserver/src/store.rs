@@ -21,6 +21,12 @@ pub(crate) struct Key {
 }
 
 impl Key {
+    /// The key of `name` in `ns` (ignored for cluster-scoped resources).
+    pub(crate) fn of(rt: &'static ResourceType, ns: &str, name: &str) -> Key {
+        let ns = if rt.namespaced { ns.into() } else { String::new() };
+        Key { res: rt.index(), ns, name: name.into() }
+    }
+
     /// The resume point a continue token carries.
     pub(crate) fn encode(&self) -> String {
         format!("{}/{}", self.ns, self.name)
@@ -382,15 +388,7 @@ impl Store {
         ns: &str,
         name: &str,
     ) -> Result<Arc<Value>, Error> {
-        let key = Key {
-            res: rt.index(),
-            ns: if rt.namespaced {
-                ns.into()
-            } else {
-                String::new()
-            },
-            name: name.into(),
-        };
+        let key = Key::of(rt, ns, name);
         let Some(cur) = self.objects.get(&key).cloned() else {
             return Err(Error::NotFound {
                 resource: rt.plural.into(),
@@ -408,15 +406,7 @@ impl Store {
         ns: &str,
         name: &str,
     ) -> Option<Arc<Value>> {
-        let key = Key {
-            res: rt.index(),
-            ns: if rt.namespaced {
-                ns.into()
-            } else {
-                String::new()
-            },
-            name: name.into(),
-        };
+        let key = Key::of(rt, ns, name);
         self.objects.get(&key).cloned()
     }
 
