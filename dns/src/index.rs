@@ -309,11 +309,22 @@ impl Index {
 
     /// A name in the zone that has no entry: an empty non-terminal, a pod record, or NXDOMAIN.
     fn miss_in_zone(&self, q: &Query, rel: &[u8]) -> Lookup<'_> {
-        let mut rel_labels: Vec<&[u8]> = wire::labels(rel).collect();
+        // Every name below needs at most three labels under the zone; more is NXDOMAIN. This is
+        // the path of every search-list miss, so it does not allocate.
+        let mut last: [&[u8]; 3] = [&[]; 3];
+        let mut n = 0;
+        for label in wire::labels(rel) {
+            if n == last.len() {
+                return Lookup::Answer(self.zone.nxdomain.as_ref());
+            }
+            last[n] = label;
+            n += 1;
+        }
+        let rel_labels = &mut last[..n];
         rel_labels.reverse();
         let nodata = Lookup::Answer(self.zone.nodata.as_ref());
         let pods = self.zone.pod_records != PodRecords::Disabled;
-        match rel_labels.as_slice() {
+        match &*rel_labels {
             [b"svc"] => nodata,
             [b"svc", ns] if self.namespaces.contains(*ns) => nodata,
             [b"pod"] | [b"pod", _] if pods => nodata,
